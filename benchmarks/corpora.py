@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Real English text from Debian packages, for the embedded sample and for benchmarks.
+
+    python benchmarks/corpora.py sample      # rebuild pipeline/resources/sample_corpus/ (committed)
+    python benchmarks/corpora.py benchmark   # benchmarks/corpus/: >= 50 MB the tests never use
+
+Sources (fetched with `apt-get download`, no root needed to unpack):
+- python3.11-doc: the reStructuredText sources of the CPython documentation (PSF License). The tutorial
+  and FAQ become the sample's "articles" (Wikipedia-style sections, JSON Lines); the HOWTOs its
+  "book" text (paragraphs separated by blank lines, zstd). The benchmark uses the other parts.
+- dict-gcide: the GNU Collaborative International Dictionary of English (40 MB of 1913 Webster entries,
+  blank-line separated; it contains real invalid UTF-8, which the pipeline repairs). Benchmark only.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_DIR = os.path.join(ROOT, "pipeline", "resources", "sample_corpus")
+BENCH_DIR = os.path.join(ROOT, "benchmarks", "corpus")
+DOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
+SAMPLE_PARTS = ("tutorial", "faq", "howto")
+
+_HEADING = re.compile(r"^([=\-~^\"'`#*+<>])\1{3,}\s*$")
+_ROLE = re.compile(r":[a-zA-Z:]+:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`")
+_LITERAL = re.compile(r"``([^`]*)``")
+_LINK = re.compile(r"`([^`<]+?)\s*<[^>]*>`_+")
+
+
+def fetch_debs(packages, dest: str) -> str:
+    """apt-get download the packages into a temporary folder and unpack them under `dest`."""
+    os.makedirs(dest, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", *packages], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+        for deb in glob.glob(os.path.join(tmp, "*.deb")):
+            subprocess.run(["dpkg-deb", "-x", deb, dest], check=True)
+    return dest
+
+
+def rst_to_text(rst: str) -> list[tuple[str, str]]:
+    """(title, text) sections of a reStructuredText page with markup, directives and code removed."""
+    lines = rst.splitlines()
+    sections, title, body = [], "", []
+    skip_indent = None  # skipping an indented block (directive body or literal block)
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if skip_indent is not None:
+            if stripped and indent <= skip_indent:
+                skip_indent = None
+            else:
+                i += 1
+                continue
+        if stripped.startswith(".. "):
+            skip_indent = indent
+            i += 1
+            continue
+        if i + 1 < len(lines) and _HEADING.match(lines[i + 1]) and stripped and not _HEADING.match(line):
+            if body:
+                sections.append((title, "\n".join(body).strip()))
+            title, body = _clean_inline(stripped), []
+            i += 2
+            continue
+        if _HEADING.match(line) or stripped.startswith((">>>", "...", "$ ")):
+            i += 1
+            continue
+        if stripped.endswith("::"):
+            line = line.rstrip()[:-1].rstrip(":") + ("." if not line.rstrip().endswith(" ::") else "")
+            skip_indent = indent
+        body.append(_clean_inline(line.strip()))
+        i += 1
+    if body:
+        sections.append((title, "\n".join(body).strip()))
+    out = []
+    for t, text in sections:
+        text = re.sub(r"\n{3,}", "\n\n", text).strip()
+        if len(text) > 200:
+            out.append((t, text))
+    return out
+
+
+def _clean_inline(s: str) -> str:
+    s = _LINK.sub(r"\1", s)
+    s = _ROLE.sub(r"\1", s)
+    s = _LITERAL.sub(r"\1", s)
+    return s.replace("*", "").replace("|", "")
+
+
+def build_sample(workdir: str) -> None:
+    root = os.path.join(fetch_debs(["python3.11-doc"], workdir), DOC_SOURCES)
+    os.makedirs(SAMPLE_DIR, exist_ok=True)
+    articles = []
+    for part in ("tutorial", "faq"):
+        for path in sorted(glob.glob(os.path.join(root, part, "*.rst.txt"))):
+            page = os.path.basename(path).split(".")[0]
+            for title, text in rst_to_text(open(path, encoding="utf-8").read()):
+                articles.append({"title": f"{part}/{page}: {title}", "text": text})
+    with gzip.GzipFile(os.path.join(SAMPLE_DIR, "articles.jsonl.gz"), "wb", mtime=0) as f:
+        for a in articles:
+            f.write((json.dumps(a, ensure_ascii=False) + "\n").encode())
+    paragraphs = []
+    for path in sorted(glob.glob(os.path.join(root, "howto", "*.rst.txt"))):
+        for _, text in rst_to_text(open(path, encoding="utf-8").read()):
+            paragraphs += [p.replace("\n", " ") for p in text.split("\n\n") if len(p) > 80]
+    import zstandard
+
+    data = "\n\n".join(paragraphs).encode() + b"\n"
+    with open(os.path.join(SAMPLE_DIR, "howto.txt.zst"), "wb") as f:
+        f.write(zstandard.ZstdCompressor(level=19).compress(data))
+    print(f"sample: {len(articles)} articles, {len(paragraphs)} paragraphs, "
+          f"{sum(len(a['text']) for a in articles) + len(data):,} characters -> {SAMPLE_DIR}")
+
+
+def build_benchmark(workdir: str) -> None:
+    unpacked = fetch_debs(["python3.11-doc", "dict-gcide"], workdir)
+    os.makedirs(BENCH_DIR, exist_ok=True)
+    with gzip.open(os.path.join(unpacked, "usr/share/dictd/gcide.dict.dz"), "rb") as src, \
+            open(os.path.join(BENCH_DIR, "gcide.txt"), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    docs = []
+    root = os.path.join(unpacked, DOC_SOURCES)
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.rst.txt"), recursive=True)):
+        rel = os.path.relpath(path, root)
+        if rel.split(os.sep)[0] in SAMPLE_PARTS:  # the sample (and so the tests) use these
+            continue
+        for title, text in rst_to_text(open(path, encoding="utf-8").read()):
+            docs.append(json.dumps({"title": f"{rel}: {title}", "text": text}, ensure_ascii=False))
+    with open(os.path.join(BENCH_DIR, "pydocs.jsonl"), "w", encoding="utf-8") as f:
+        f.write("\n".join(docs) + "\n")
+    total = sum(os.path.getsize(os.path.join(BENCH_DIR, n)) for n in os.listdir(BENCH_DIR))
+    print(f"benchmark corpus: {total / 1e6:.1f} MB in {BENCH_DIR}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=("sample", "benchmark"))
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        (build_sample if args.which == "sample" else build_benchmark)(tmp)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""DistilBERT-style distillation pipeline: data preparation, training data, models, losses, training."""

@@ -1,0 +1,625 @@
+"""Inputs: parse input specs, plan them into work units, and stream documents out of a unit.
+
+An input spec is a path, directory or glob of local files, `hf:NAME` (a Hugging Face dataset, streamed),
+or `disk:FOLDER` (a `save_to_disk` folder; a folder holding `dataset_info.json`/`state.json` is recognised
+without the prefix). Per-input options follow a `#`: `data/*.jsonl#field=content`,
+`hf:wikimedia/wikipedia#config=20231101.en,split=train`, `books/#text_mode=lines`.
+
+Planning is a pure function of the inputs (sorted file lists, sizes, Parquet row groups, dataset shards)
+and the unit size, never of the worker or task count: that is what makes the output byte-identical for any
+`--workers` and any SLURM array size. Large uncompressed text and JSON Lines files are cut into byte ranges;
+a document belongs to the range holding its first line (see `read_text_range`), so ranges read
+independently give exactly the documents of one sequential read. Small files are grouped into one unit.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+CHUNK = 1 << 20  # longest piece of a line read at once: bounds memory for a 50 MB single-line file
+TEXT_EXT = (".txt", ".text")
+JSONL_EXT = (".jsonl", ".ndjson")
+KNOWN_EXT = TEXT_EXT + JSONL_EXT + (".json", ".parquet")
+COMPRESSION = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
+COMPRESSION_RATIO_GUESS = 3  # planning estimate of decompressed bytes per compressed byte
+SPEC_OPTIONS = {"field", "text_mode", "format", "config", "split"}
+
+
+class PlanError(ValueError):
+    """One or more inputs cannot be used; the message lists every problem."""
+
+
+class BadFileError(RuntimeError):
+    """A whole input file cannot be read (corrupt archive, unreadable Parquet, truncated JSON array)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass
+class Source:
+    index: int
+    spec: str
+    kind: str  # "files", "disk" or "hf"
+    location: str
+    field: str = "text"
+    text_mode: str = "paragraphs"
+    format: str | None = None
+    config: str | None = None
+    split: str = "train"
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def parse_spec(spec: str, index: int, default_field: str, default_text_mode: str) -> Source:
+    location, _, opts = spec.partition("#")
+    options = {}
+    if opts:
+        for item in opts.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or key not in SPEC_OPTIONS:
+                raise PlanError(
+                    f"input {spec!r}: bad option {item!r}; options are key=value from {sorted(SPEC_OPTIONS)}"
+                )
+            options[key] = value
+    if location.startswith("hf:"):
+        kind, location = "hf", location[3:]
+    elif location.startswith("disk:"):
+        kind, location = "disk", location[5:]
+    elif os.path.isdir(location) and any(
+        os.path.exists(os.path.join(location, f)) for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+    ):
+        kind = "disk"
+    else:
+        kind = "files"
+    src = Source(index=index, spec=spec, kind=kind, location=location,
+                 field=options.get("field", default_field),
+                 text_mode=options.get("text_mode", default_text_mode),
+                 format=options.get("format"), config=options.get("config"),
+                 split=options.get("split", "train"))
+    if src.text_mode not in ("paragraphs", "lines"):
+        raise PlanError(f"input {spec!r}: text_mode must be 'paragraphs' or 'lines', not {src.text_mode!r}")
+    if src.format not in (None, "text", "jsonl", "json", "parquet"):
+        raise PlanError(f"input {spec!r}: format must be one of text, jsonl, json, parquet")
+    return src
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------------------
+
+def _file_format(path: str, forced: str | None) -> tuple[str | None, str | None]:
+    """(format, compression) from the file name; format None for an unknown extension."""
+    base, ext = os.path.splitext(path)
+    compression = COMPRESSION.get(ext.lower())
+    if compression:
+        _, ext = os.path.splitext(base)
+    if forced:
+        return forced, compression
+    ext = ext.lower()
+    if ext in TEXT_EXT:
+        return "text", compression
+    if ext in JSONL_EXT:
+        return "jsonl", compression
+    if ext == ".json":
+        return "json", compression
+    if ext == ".parquet":
+        return "parquet", compression
+    return None, compression
+
+
+def _expand_files(src: Source, problems: list[str], notes: list[str]) -> list[str]:
+    loc = src.location
+    if os.path.isdir(loc):
+        found, skipped = [], []
+        for root, dirs, files in os.walk(loc):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if name.startswith("."):
+                    continue
+                path = os.path.join(root, name)
+                (found if (src.format or _file_format(path, None)[0]) else skipped).append(path)
+        if skipped:
+            notes.append(f"{loc}: skipped {len(skipped)} file(s) with unknown extensions (e.g. {skipped[0]}); "
+                         f"name them explicitly or add #format=text to read them")
+        if not found:
+            problems.append(f"{src.spec}: directory has no input files ({', '.join(KNOWN_EXT)}, optionally .gz/.zst)")
+        return sorted(found)
+    if any(c in loc for c in "*?["):
+        found = sorted(p for p in glob.glob(loc, recursive=True) if os.path.isfile(p))
+        if not found:
+            problems.append(f"{src.spec}: glob matches no files")
+        return found
+    if not os.path.exists(loc):
+        problems.append(f"{src.spec}: no such file or directory")
+        return []
+    return [loc]
+
+
+def _sniff_json_array(path: str, compression: str | None) -> bool:
+    with open_binary(path, compression) as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def plan_pieces(sources: list[Source], unit_bytes: int | None) -> tuple[list[dict], list[str]]:
+    """Every input as a list of pieces (a file byte range, Parquet row groups, dataset rows or a dataset
+    shard), each with an estimated size. Raises PlanError listing every unusable input."""
+    problems: list[str] = []
+    notes: list[str] = []
+    entries = []  # (source, kind, path, compression, size, extra)
+    for src in sources:
+        if src.kind == "files":
+            for path in _expand_files(src, problems, notes):
+                fmt, compression = _file_format(path, src.format)
+                fmt = fmt or "text"
+                if fmt == "parquet" and compression:
+                    problems.append(f"{path}: compressed Parquet files are not supported (Parquet compresses itself)")
+                    continue
+                try:
+                    size = os.path.getsize(path)
+                except OSError as e:
+                    problems.append(f"{path}: cannot stat ({e.strerror})")
+                    continue
+                extra = {}
+                if fmt == "parquet":
+                    try:
+                        import pyarrow.parquet as pq
+
+                        meta = pq.ParquetFile(path).metadata
+                        names = meta.schema.names
+                        if src.field not in names:
+                            problems.append(f"{path}: Parquet file has no column {src.field!r} (columns: {names}); "
+                                            f"pick one with #field=NAME or --text-field")
+                            continue
+                        extra["row_groups"] = [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
+                                               for i in range(meta.num_row_groups)]
+                    except Exception as e:
+                        problems.append(f"{path}: unreadable Parquet file ({type(e).__name__}: {e})")
+                        continue
+                elif fmt == "json":
+                    try:
+                        fmt = "json" if _sniff_json_array(path, compression) else "jsonl"
+                    except (OSError, EOFError, BadFileError) as e:
+                        problems.append(f"{path}: cannot read ({e})")
+                        continue
+                entries.append((src, fmt, path, compression, size, extra))
+        elif src.kind == "disk":
+            try:
+                ds = _load_disk(src)
+            except Exception as e:
+                problems.append(f"{src.spec}: cannot load_from_disk ({type(e).__name__}: {e})")
+                continue
+            if src.field not in ds.column_names:
+                problems.append(f"{src.spec}: dataset has no column {src.field!r} (columns: {ds.column_names}); "
+                                f"pick one with #field=NAME or --text-field")
+                continue
+            nbytes = int(ds.data.nbytes)
+            entries.append((src, "disk", os.path.abspath(src.location), None, nbytes, {"rows": len(ds)}))
+        else:  # hf
+            try:
+                ds = _load_hf(src)
+                n_shards = int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", 1) or 1)
+            except Exception as e:
+                first = str(e).splitlines()[0] if str(e) else ""
+                problems.append(
+                    f"{src.spec}: could not open Hugging Face dataset {src.location!r} (config={src.config}, "
+                    f"split={src.split}) in streaming mode: {type(e).__name__}: {first}. Without internet, "
+                    f"download it elsewhere (datasets.load_dataset(...).save_to_disk(FOLDER)) and pass "
+                    f"disk:FOLDER, or point hf: at a local folder of data files")
+                continue
+            entries.append((src, "hf", src.location, None, 0, {"n_shards": n_shards}))
+    if problems:
+        raise PlanError("cannot use these inputs:\n  - " + "\n  - ".join(problems))
+    if not entries:
+        raise PlanError("no inputs given")
+
+    total = sum(e[4] * (COMPRESSION_RATIO_GUESS if e[3] else 1) for e in entries)
+    if unit_bytes is None:
+        unit_bytes = auto_unit_bytes(total)
+    pieces = []
+    for src, fmt, path, compression, size, extra in entries:
+        base = {"source": src.index, "format": fmt, "path": path}
+        if fmt in ("text", "jsonl") and not compression:
+            n = max(1, -(-size // unit_bytes))
+            for i in range(n):
+                start, end = i * unit_bytes, min(size, (i + 1) * unit_bytes)
+                pieces.append({**base, "start": start, "end": end if i < n - 1 else None,
+                               "est_bytes": end - start})
+        elif fmt == "parquet":
+            group, est, row0 = [], 0, 0
+            for i, (rows, nbytes) in enumerate(extra["row_groups"]):
+                if group and est + nbytes > unit_bytes:
+                    pieces.append({**base, "row_groups": group, "first_row": row0, "est_bytes": est})
+                    row0 += sum(extra["row_groups"][g][0] for g in group)
+                    group, est = [], 0
+                group.append(i)
+                est += nbytes
+            if group or not pieces:
+                pieces.append({**base, "row_groups": group, "first_row": row0, "est_bytes": est})
+        elif fmt == "disk":
+            rows = extra["rows"]
+            per_row = max(1, size // max(rows, 1))
+            step = max(1, unit_bytes // per_row)
+            for a in range(0, max(rows, 1), step):
+                b = min(rows, a + step)
+                pieces.append({**base, "rows": [a, b], "est_bytes": (b - a) * per_row})
+        elif fmt == "hf":
+            for k in range(extra["n_shards"]):
+                pieces.append({**base, "shard": k, "n_shards": extra["n_shards"], "est_bytes": unit_bytes})
+        else:  # compressed text/jsonl, or a JSON array: read whole, from the start
+            pieces.append({**base, "compression": compression, "start": 0, "end": None,
+                           "est_bytes": size * (COMPRESSION_RATIO_GUESS if compression else 1)})
+    return pieces, notes, unit_bytes
+
+
+def auto_unit_bytes(total_bytes: int) -> int:
+    """At least ~64 units for load balance, each between 1 MiB and 64 MiB, a power of two.
+    Depends on the corpus only, so the output does not depend on the worker count."""
+    mib = 1 << 20
+    target = max(mib, min(64 * mib, total_bytes // 64))
+    return 1 << (target.bit_length() - 1)
+
+
+def group_units(pieces: list[dict], unit_bytes: int) -> list[dict]:
+    """Consecutive pieces grouped until a unit holds about `unit_bytes`; each unit becomes one shard."""
+    units, current, est = [], [], 0
+    for p in pieces:
+        if current and est + p["est_bytes"] > unit_bytes:
+            units.append(current)
+            current, est = [], 0
+        current.append(p)
+        est += p["est_bytes"]
+    if current:
+        units.append(current)
+    return [{"id": i, "pieces": u, "est_bytes": sum(p["est_bytes"] for p in u)} for i, u in enumerate(units)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------
+
+def open_binary(path: str, compression: str | None):
+    """A binary file object with readline(); decompressing gzip and zstd streams."""
+    if compression == "gz":
+        return gzip.open(path, "rb")
+    if compression == "zst":
+        import zstandard
+
+        raw = open(path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader, buffer_size=CHUNK)
+    return open(path, "rb", buffering=CHUNK)
+
+
+def _lines(f, pos: int) -> Iterator[tuple[int, bytes, bool, bool]]:
+    """Yields (line_start, chunk, first, complete): lines read in chunks of at most CHUNK bytes."""
+    line_start = pos
+    first = True
+    while True:
+        chunk = f.readline(CHUNK)
+        if not chunk:
+            return
+        complete = chunk.endswith(b"\n")
+        yield line_start, chunk, first, complete
+        pos += len(chunk)
+        if complete:
+            line_start = pos
+        first = complete
+
+
+def _cut(buf: bytes, max_bytes: int) -> int:
+    """Where to cut a too-long document: the last space/newline in the second half, else a UTF-8 boundary."""
+    window = buf[max_bytes // 2:max_bytes]
+    cut = max(window.rfind(b" "), window.rfind(b"\n"))
+    if cut >= 0:
+        return max_bytes // 2 + cut + 1
+    cut = max_bytes
+    while cut > 0 and (buf[cut] & 0xC0) == 0x80:  # do not cut inside a UTF-8 sequence
+        cut -= 1
+    return cut or max_bytes
+
+
+@dataclass
+class PieceStats:
+    lines: int = 0  # lines whose first byte lies in the piece's byte range (for absolute line numbers)
+
+
+def read_text_range(f, start: int, end: int | None, mode: str, max_doc_bytes: int,
+                    stats: PieceStats) -> Iterator[tuple[bytes, int, bool]]:
+    """Documents of the byte range [start, end) of a text file: yields (bytes, local_line, was_cut).
+
+    Ownership, which makes ranges read independently equal one sequential read:
+    - lines mode: a document is a line; the range owns the lines starting in it.
+    - paragraphs mode: documents are separated by blank lines. A range that starts inside the file skips
+      up to and including the first blank line starting in it; every range stops at the first blank line
+      starting at or after its end, finishing the document in progress. So a document belongs to the
+      range in which the blank line before it starts.
+    `local_line` counts lines from the range's first line start (0-based).
+    """
+    pos = 0
+    if start > 0:
+        f.seek(start - 1)
+        pos = start - 1
+        while True:  # move to the first line start at or after `start`
+            c = f.readline(CHUNK)
+            pos += len(c)
+            if not c or c.endswith(b"\n"):
+                break
+    skipping = mode == "paragraphs" and start > 0
+    buf = bytearray()
+    doc_line = 0
+    line_idx = -1
+    in_range = True
+    for line_start, chunk, first, complete in _lines(f, pos):
+        if first:
+            line_idx += 1
+            in_range = end is None or line_start < end
+            if in_range:
+                stats.lines += 1
+            elif mode == "lines":
+                break
+        if mode == "paragraphs":
+            blank = first and complete and chunk.isspace()
+            if skipping:
+                if blank:
+                    skipping = False
+                    if not in_range:
+                        break
+                continue
+            if blank:
+                if buf:
+                    yield bytes(buf), doc_line, False
+                    buf.clear()
+                if not in_range:
+                    break
+                continue
+        if not buf:
+            doc_line = line_idx
+        buf += chunk
+        while len(buf) > max_doc_bytes:
+            cut = _cut(buf, max_doc_bytes)
+            yield bytes(buf[:cut]), doc_line, True
+            del buf[:cut]
+        if mode == "lines" and complete:
+            if buf:
+                yield bytes(buf), doc_line, False
+                buf.clear()
+    if buf:
+        yield bytes(buf), doc_line, False
+
+
+def read_jsonl_range(f, start: int, end: int | None, field: str, max_record_bytes: int, stats: PieceStats,
+                     bad: Callable[[str, int, str], None]) -> Iterator[tuple[str, int, bool]]:
+    """Text fields of the JSON Lines records starting in [start, end): yields (text, local_line, repaired)."""
+    pos = 0
+    if start > 0:
+        f.seek(start - 1)
+        pos = start - 1
+        while True:
+            c = f.readline(CHUNK)
+            pos += len(c)
+            if not c or c.endswith(b"\n"):
+                break
+    buf = bytearray()
+    too_long = False
+    line_idx = -1
+    for line_start, chunk, first, complete in _lines(f, pos):
+        if first:
+            line_idx += 1
+            if end is not None and line_start >= end:
+                break
+            stats.lines += 1
+            too_long = False
+            buf.clear()
+        if not too_long:
+            buf += chunk
+            if len(buf) > max_record_bytes:
+                too_long = True
+                buf.clear()
+                bad("record_too_long", line_idx, f"longer than {max_record_bytes} bytes")
+        if not complete or too_long:
+            continue
+        raw = bytes(buf)
+        buf.clear()
+        if raw.isspace() or not raw:
+            continue
+        try:
+            text, repaired = raw.decode("utf-8"), False
+        except UnicodeDecodeError:
+            text, repaired = raw.decode("utf-8", errors="replace"), True
+        yield from _json_record(text, line_idx, field, repaired, bad)
+    if buf and not too_long and not bytes(buf).isspace():  # last line without a newline
+        raw = bytes(buf)
+        try:
+            text, repaired = raw.decode("utf-8"), False
+        except UnicodeDecodeError:
+            text, repaired = raw.decode("utf-8", errors="replace"), True
+        yield from _json_record(text, line_idx, field, repaired, bad)
+
+
+def _json_record(text: str, loc: int, field: str, repaired: bool, bad) -> Iterator[tuple[str, int, bool]]:
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        bad("invalid_json", loc, str(e))
+        return
+    if not isinstance(obj, dict):
+        bad("not_an_object", loc, f"a JSON {type(obj).__name__}, not an object")
+    elif field not in obj:
+        bad("missing_field", loc, f"no field {field!r} (fields: {sorted(obj)[:8]})")
+    elif not isinstance(obj[field], str):
+        bad("field_not_string", loc, f"field {field!r} is a {type(obj[field]).__name__}")
+    else:
+        yield obj[field], loc, repaired
+
+
+def read_json_array(f, path: str, field: str, max_record_bytes: int,
+                    bad: Callable[[str, int, str], None]) -> Iterator[tuple[str, int, bool]]:
+    """Objects of a top-level JSON array, parsed incrementally (never the whole file in memory).
+    A malformed element ends the file with BadFileError: an array has no line to resynchronise on."""
+    text_f = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
+    dec = json.JSONDecoder()
+    buf, idx, eof, line = "", 0, False, 0
+
+    def fill() -> None:
+        nonlocal buf, idx, eof
+        chunk = text_f.read(CHUNK)
+        eof = not chunk
+        buf = buf[idx:] + chunk
+        idx = 0
+
+    def skip_ws() -> bool:
+        nonlocal idx, line
+        while True:
+            while idx < len(buf) and buf[idx] in " \t\r\n":
+                line += buf[idx] == "\n"
+                idx += 1
+            if idx < len(buf):
+                return True
+            if eof:
+                return False
+            fill()
+
+    fill()
+    if not skip_ws() or buf[idx] != "[":
+        raise BadFileError(path, "not a JSON array (expected '[' at the start)")
+    idx += 1
+    expect_value = True
+    while True:
+        if not skip_ws():
+            raise BadFileError(path, f"truncated JSON array (no closing ']' after line {line + 1})")
+        c = buf[idx]
+        if c == "]":
+            return
+        if c == "," and not expect_value:
+            idx += 1
+            expect_value = True
+            continue
+        try:
+            obj, end = dec.raw_decode(buf, idx)
+            if end >= len(buf) and not eof:
+                raise ValueError("value may continue past the buffer")
+        except ValueError as e:
+            if eof:
+                raise BadFileError(path, f"invalid JSON at line {line + 1}: {e}") from None
+            if len(buf) - idx > max_record_bytes:
+                raise BadFileError(path, f"array element at line {line + 1} longer than {max_record_bytes} bytes")
+            fill()
+            continue
+        loc = line
+        line += buf.count("\n", idx, end)
+        idx = end
+        expect_value = False
+        if isinstance(obj, dict) and isinstance(obj.get(field), str):
+            yield obj[field], loc, "\ufffd" in obj[field]
+        else:
+            yield from _json_record(json.dumps(obj), loc, field, False, bad)
+
+
+def _load_disk(src: Source):
+    import datasets
+
+    ds = datasets.load_from_disk(src.location)
+    if isinstance(ds, datasets.DatasetDict):
+        if src.split not in ds:
+            raise KeyError(f"split {src.split!r} not in {list(ds)}; choose with #split=NAME")
+        ds = ds[src.split]
+    return ds
+
+
+def _load_hf(src: Source):
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    return datasets.load_dataset(src.location, src.config, split=src.split, streaming=True)
+
+
+def iter_piece(piece: dict, source: Source, max_doc_bytes: int, max_record_bytes: int, stats: PieceStats,
+               bad: Callable[[str, int, str], None]) -> Iterator[tuple[str | bytes, int, bool]]:
+    """Documents of one piece: yields (text or raw bytes, location, flag). For text, flag = cut from a
+    longer line/document; for JSON, flag = UTF-8 repaired. Location: line (0-based, piece-local for
+    byte ranges), Parquet/dataset row, or record number within a dataset shard."""
+    fmt, path = piece["format"], piece["path"]
+    if fmt in ("text", "jsonl", "json"):
+        try:
+            with open_binary(path, piece.get("compression")) as f:
+                if fmt == "text":
+                    yield from read_text_range(f, piece["start"], piece["end"], source.text_mode, max_doc_bytes,
+                                               stats)
+                elif fmt == "jsonl":
+                    yield from read_jsonl_range(f, piece["start"], piece["end"], source.field, max_record_bytes,
+                                                stats, bad)
+                else:
+                    yield from read_json_array(f, path, source.field, max_record_bytes, bad)
+        except FileNotFoundError:
+            raise BadFileError(path, "file disappeared after planning") from None
+        except (EOFError, gzip.BadGzipFile, OSError) as e:
+            raise BadFileError(path, f"corrupt or unreadable ({type(e).__name__}: {e})") from None
+        except Exception as e:
+            if type(e).__module__.startswith("zstd") or "Zstd" in type(e).__name__:
+                raise BadFileError(path, f"corrupt zstd stream ({e})") from None
+            raise
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        row = piece["first_row"]
+        try:
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=1024, row_groups=piece["row_groups"], columns=[source.field]):
+                for value in batch.column(0).to_pylist():
+                    if isinstance(value, str):
+                        yield value, row, False
+                    else:
+                        bad("missing_field" if value is None else "field_not_string", row,
+                            f"{source.field!r} is {'null' if value is None else type(value).__name__}")
+                    row += 1
+        except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise BadFileError(path, f"unreadable Parquet data ({type(e).__name__}: {e})") from None
+    elif fmt == "disk":
+        ds = _load_disk(source).select_columns([source.field])
+        a, b = piece["rows"]
+        for lo in range(a, b, 1024):
+            hi = min(b, lo + 1024)
+            for i, value in enumerate(ds[lo:hi][source.field]):
+                if isinstance(value, str):
+                    yield value, lo + i, False
+                else:
+                    bad("missing_field" if value is None else "field_not_string", lo + i,
+                        f"{source.field!r} is {'null' if value is None else type(value).__name__}")
+    elif fmt == "hf":
+        ds = _load_hf(source)
+        if piece["n_shards"] > 1:
+            ds = ds.shard(num_shards=piece["n_shards"], index=piece["shard"])
+        for i, ex in enumerate(ds):
+            value = ex.get(source.field)
+            if isinstance(value, str):
+                yield value, i, False
+            else:
+                bad("missing_field" if value is None else "field_not_string", i,
+                    f"{source.field!r} is {'missing' if value is None else type(value).__name__}")
+    else:
+        raise ValueError(f"unknown piece format {fmt!r}")
+
+
+def describe_location(piece: dict, loc: int, line_offset: int | None = None) -> str:
+    """'file:line' (1-based) where the absolute line is known, else the byte range and local line."""
+    fmt, path = piece["format"], piece["path"]
+    if fmt in ("text", "jsonl", "json"):
+        if piece.get("start", 0) == 0:
+            return f"{path}:{loc + 1}"
+        if line_offset is not None:
+            return f"{path}:{line_offset + loc + 1}"
+        return f"{path}: line {loc + 1} of the range starting at byte {piece['start']}"
+    if fmt == "hf":
+        return f"hf:{path} shard {piece['shard']} record {loc}"
+    return f"{path} row {loc}"
