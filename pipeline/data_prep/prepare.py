@@ -178,12 +178,15 @@ def ensure_plan(out: str, plan: dict, overwrite: bool) -> None:
 class _Worker:
     """Per-process state: the tokenizer and the plan, loaded once by the pool initializer."""
 
-    def __init__(self, out: str, plan: dict, tokenizer: str, threads: bool, verify: str, messages):
+    def __init__(self, out: str, plan: dict, tokenizer: str | TextTokenizer, threads: bool, verify: str, messages):
         self.out = out
         self.plan = plan
-        self.tok = load_tokenizer(tokenizer, threads=threads)
-        if self.tok.info().fingerprint != plan["tokenizer"]["fingerprint"]:
-            raise PrepareError(f"tokenizer {tokenizer} loaded differently in a worker process")
+        if isinstance(tokenizer, TextTokenizer):
+            self.tok = tokenizer
+        else:
+            self.tok = load_tokenizer(tokenizer, threads=threads)
+            if self.tok.info().fingerprint != plan["tokenizer"]["fingerprint"]:
+                raise PrepareError(f"tokenizer {tokenizer} loaded differently in a worker process")
         self.sources = [Source(**s) for s in plan["sources"]]
         st = plan["settings"]
         self.clean_cfg = CleanConfig(max_doc_chars=st["max_doc_chars"], max_junk_fraction=st["max_junk_fraction"])
@@ -394,10 +397,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     progress = _Progress(len(units), cfg.progress)
     records, failures = {}, {}
     if cfg.workers == 1:
-        worker = _Worker(out, plan, cfg.tokenizer, threads=True, verify=cfg.verify_existing, messages=progress.message)
-        worker.tok = tok
         global _WORKER
-        _WORKER = worker
+        _WORKER = _Worker(out, plan, tok, threads=True, verify=cfg.verify_existing, messages=progress.message)
         for u in units:
             uid, rec, err = _run_unit(u)
             (failures.__setitem__(uid, err) if err else records.__setitem__(uid, rec))

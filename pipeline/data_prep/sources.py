@@ -150,9 +150,10 @@ def _sniff_json_array(path: str, compression: str | None) -> bool:
     return head.startswith(b"[")
 
 
-def plan_pieces(sources: list[Source], unit_bytes: int | None) -> tuple[list[dict], list[str]]:
+def plan_pieces(sources: list[Source], unit_bytes: int | None) -> tuple[list[dict], list[str], int]:
     """Every input as a list of pieces (a file byte range, Parquet row groups, dataset rows or a dataset
-    shard), each with an estimated size. Raises PlanError listing every unusable input."""
+    shard), each with an estimated size; plus planning notes and the unit size used. Raises PlanError
+    listing every unusable input."""
     problems: list[str] = []
     notes: list[str] = []
     entries = []  # (source, kind, path, compression, size, extra)
