@@ -39,7 +39,7 @@ class PreparedDataset:
         manifest_path = os.path.join(self.path, "manifest.json")
         if not os.path.exists(manifest_path):
             hint = (" (a plan.json is there: the preparation has not finished or not been joined; run "
-                    "`python launch/prepare_data.py join " + path + "`)") if os.path.exists(
+                    f"`python launch/prepare_data.py join {path}`)") if os.path.exists(
                 os.path.join(self.path, "plan.json")) else ""
             raise DatasetError(f"{path}: no manifest.json, not a prepared dataset{hint}")
         try:

@@ -519,6 +519,15 @@ def join(out: str, wall_seconds: float | None = None, command: list | None = Non
                            "failed array tasks) with the same arguments; completed units are skipped.\n  - "
                            + "\n  - ".join(head))
 
+    # temporary files of an earlier join that was killed while writing (validate reports them)
+    for name in os.listdir(out):
+        if name.startswith(tuple(f"{n}{fmt.TMP_MARK}" for n in ("manifest.json", "token_counts.npy",
+                                                                  "bad_records.jsonl"))):
+            try:
+                os.unlink(os.path.join(out, name))
+            except OSError:
+                pass
+
     counts = np.zeros(plan["tokenizer"]["vocab_size"], np.int64)
     for rec in records:
         counts += np.load(os.path.join(out, rec["counts"]["file"]))

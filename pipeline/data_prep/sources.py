@@ -288,6 +288,43 @@ def group_units(pieces: list[dict], unit_bytes: int) -> list[dict]:
 # Reading
 # ---------------------------------------------------------------------------------------------------------
 
+def _zstd_truncated(path: str) -> str | None:
+    """Why a zstd file ends inside a frame (an interrupted download or copy), else None.
+
+    python-zstandard's stream reader reports such a file as a clean end of data, which would silently make
+    a short shard (gzip raises EOFError instead). Walking the frame and block headers (RFC 8878), seeking
+    over block contents, finds it without decompressing. Data that is not zstd is left to the decompressor."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        pos = 0
+        while pos < size:
+            f.seek(pos)
+            head = f.read(8)
+            magic = int.from_bytes(head[:4], "little")
+            skippable = 0x184D2A50 <= magic <= 0x184D2A5F  # magic, 4-byte length, data
+            if magic != 0xFD2FB528 and not skippable and len(head) >= 4:
+                return None
+            if len(head) < (8 if skippable else 5):
+                return f"truncated: ends inside a frame header (at byte {pos} of {size})"
+            if skippable:
+                pos += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            fhd = head[4]
+            single = fhd >> 5 & 1
+            pos += 5 + (not single) + (0, 1, 2, 4)[fhd & 3] + (single, 2, 4, 8)[fhd >> 6]
+            while True:  # blocks: a 3-byte header (last-block flag, type, size), then the content
+                f.seek(pos)
+                header = f.read(3)
+                if len(header) < 3:
+                    return f"truncated: ends inside a frame ({size} bytes)"
+                h = int.from_bytes(header, "little")
+                pos += 3 + (1 if (h >> 1) & 3 == 1 else h >> 3)  # an RLE block stores one byte
+                if h & 1:
+                    break
+            pos += 4 * (fhd >> 2 & 1)  # content checksum
+    return None if pos == size else f"truncated: ends inside a frame ({size} bytes)"
+
+
 def open_binary(path: str, compression: str | None):
     """A binary file object with readline(); decompressing gzip and zstd streams."""
     if compression == "gz":
@@ -295,6 +332,9 @@ def open_binary(path: str, compression: str | None):
     if compression == "zst":
         import zstandard
 
+        reason = _zstd_truncated(path)
+        if reason:
+            raise BadFileError(path, f"corrupt zstd file: {reason}")
         raw = open(path, "rb")
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
         return io.BufferedReader(reader, buffer_size=CHUNK)
@@ -329,6 +369,21 @@ def _cut(buf: bytes, max_bytes: int) -> int:
     return cut or max_bytes
 
 
+def _seek_line_start(f, start: int, end: int | None) -> int | None:
+    """Move `f` to the first line start at or after `start` and return it; None when there is none before
+    `end` (the range then owns nothing, and a giant line crossing it is not read to its end)."""
+    if start == 0:
+        return 0
+    f.seek(start - 1)
+    pos = start - 1
+    while end is None or pos < end:
+        c = f.readline(CHUNK)
+        pos += len(c)
+        if not c or c.endswith(b"\n"):
+            return pos
+    return None
+
+
 @dataclass
 class PieceStats:
     lines: int = 0  # lines whose first byte lies in the piece's byte range (for absolute line numbers)
@@ -346,18 +401,13 @@ def read_text_range(f, start: int, end: int | None, mode: str, max_doc_bytes: in
       range in which the blank line before it starts.
     `local_line` counts lines from the range's first line start (0-based).
     """
-    pos = 0
-    if start > 0:
-        f.seek(start - 1)
-        pos = start - 1
-        while True:  # move to the first line start at or after `start`
-            c = f.readline(CHUNK)
-            pos += len(c)
-            if not c or c.endswith(b"\n"):
-                break
+    pos = _seek_line_start(f, start, end)
+    if pos is None:
+        return
     skipping = mode == "paragraphs" and start > 0
     buf = bytearray()
     doc_line = 0
+    doc_cut = False
     line_idx = -1
     in_range = True
     for line_start, chunk, first, complete in _lines(f, pos):
@@ -371,10 +421,10 @@ def read_text_range(f, start: int, end: int | None, mode: str, max_doc_bytes: in
         if mode == "paragraphs":
             blank = first and complete and chunk.isspace()
             if skipping:
+                if first and not in_range:  # the blank line ending the skip would start past the end
+                    break
                 if blank:
                     skipping = False
-                    if not in_range:
-                        break
                 continue
             if blank:
                 if buf:
@@ -385,10 +435,12 @@ def read_text_range(f, start: int, end: int | None, mode: str, max_doc_bytes: in
                 continue
         if not buf:
             doc_line = line_idx
+            doc_cut = False
         buf += chunk
-        while len(buf) > max_doc_bytes:
+        while len(buf) > max_doc_bytes:  # flag the first cut only: split_long counts documents
             cut = _cut(buf, max_doc_bytes)
-            yield bytes(buf[:cut]), doc_line, True
+            yield bytes(buf[:cut]), doc_line, not doc_cut
+            doc_cut = True
             del buf[:cut]
         if mode == "lines" and complete:
             if buf:
@@ -401,15 +453,9 @@ def read_text_range(f, start: int, end: int | None, mode: str, max_doc_bytes: in
 def read_jsonl_range(f, start: int, end: int | None, field: str, max_record_bytes: int, stats: PieceStats,
                      bad: Callable[[str, int, str], None]) -> Iterator[tuple[str, int, bool]]:
     """Text fields of the JSON Lines records starting in [start, end): yields (text, local_line, repaired)."""
-    pos = 0
-    if start > 0:
-        f.seek(start - 1)
-        pos = start - 1
-        while True:
-            c = f.readline(CHUNK)
-            pos += len(c)
-            if not c or c.endswith(b"\n"):
-                break
+    pos = _seek_line_start(f, start, end)
+    if pos is None:
+        return
     buf = bytearray()
     too_long = False
     line_idx = -1
@@ -500,11 +546,17 @@ def read_json_array(f, path: str, field: str, max_record_bytes: int,
             raise BadFileError(path, f"truncated JSON array (no closing ']' after line {line + 1})")
         c = buf[idx]
         if c == "]":
+            idx += 1
+            if skip_ws():  # e.g. two arrays concatenated: the second one must not be lost silently
+                raise BadFileError(path, f"data at line {line + 1}, after the array's closing ']' (one JSON "
+                                         f"array per .json file; use JSON Lines for concatenated data)")
             return
         if c == "," and not expect_value:
             idx += 1
             expect_value = True
             continue
+        if not expect_value:
+            raise BadFileError(path, f"invalid JSON at line {line + 1}: expected ',' or ']' after an array element")
         try:
             obj, end = dec.raw_decode(buf, idx)
             if end >= len(buf) and not eof:
