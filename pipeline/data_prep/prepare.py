@@ -27,7 +27,7 @@ from . import format as fmt
 from .cleaning import CleanConfig, clean, decode
 from .sources import BadFileError, PieceStats, Source, describe_location, group_units, iter_piece, parse_spec, \
     plan_pieces
-from .tokenizer import TextTokenizer, load_tokenizer
+from .tokenizer import TextTokenizer, load_tokenizer, worker_tokenizer
 
 log = logging.getLogger("pipeline.data_prep")
 
@@ -178,15 +178,10 @@ def ensure_plan(out: str, plan: dict, overwrite: bool) -> None:
 class _Worker:
     """Per-process state: the tokenizer and the plan, loaded once by the pool initializer."""
 
-    def __init__(self, out: str, plan: dict, tokenizer: str | TextTokenizer, threads: bool, verify: str, messages):
+    def __init__(self, out: str, plan: dict, tokenizer, verify: str, messages):
         self.out = out
         self.plan = plan
-        if isinstance(tokenizer, TextTokenizer):
-            self.tok = tokenizer
-        else:
-            self.tok = load_tokenizer(tokenizer, threads=threads)
-            if self.tok.info().fingerprint != plan["tokenizer"]["fingerprint"]:
-                raise PrepareError(f"tokenizer {tokenizer} loaded differently in a worker process")
+        self.tok = tokenizer  # a TextTokenizer, or its encode-only twin in worker processes
         self.sources = [Source(**s) for s in plan["sources"]]
         st = plan["settings"]
         self.clean_cfg = CleanConfig(max_doc_chars=st["max_doc_chars"], max_junk_fraction=st["max_junk_fraction"])
@@ -332,9 +327,12 @@ class _Worker:
 _WORKER: _Worker | None = None
 
 
-def _init_worker(out, plan, tokenizer, verify, messages) -> None:
+def _init_worker(out, plan, tokenizer_spec, verify, messages) -> None:
     global _WORKER
-    _WORKER = _Worker(out, plan, tokenizer, threads=False, verify=verify, messages=messages)
+    tok = worker_tokenizer(tokenizer_spec, threads=False)
+    if tokenizer_spec[0] == "load" and tok.info().fingerprint != plan["tokenizer"]["fingerprint"]:
+        raise PrepareError(f"tokenizer {tokenizer_spec[1]} loaded differently in a worker process")
+    _WORKER = _Worker(out, plan, tok, verify=verify, messages=messages)
 
 
 def _run_unit(unit: dict):
@@ -398,7 +396,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     records, failures = {}, {}
     if cfg.workers == 1:
         global _WORKER
-        _WORKER = _Worker(out, plan, tok, threads=True, verify=cfg.verify_existing, messages=progress.message)
+        _WORKER = _Worker(out, plan, tok, verify=cfg.verify_existing, messages=progress.message)
         for u in units:
             uid, rec, err = _run_unit(u)
             (failures.__setitem__(uid, err) if err else records.__setitem__(uid, rec))
@@ -407,7 +405,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         ctx = mp.get_context("spawn")  # fork after the tokenizer's threads started can deadlock
         messages = ctx.Queue()
         with ctx.Pool(cfg.workers, initializer=_init_worker,
-                      initargs=(out, plan, cfg.tokenizer, cfg.verify_existing, messages)) as pool:
+                      initargs=(out, plan, tok.worker_spec(), cfg.verify_existing, messages)) as pool:
             # biggest units first: the tail of the run is then made of small units (better balance)
             order = sorted(units, key=lambda u: -u["est_bytes"])
             pending = pool.imap_unordered(_run_unit, order)

@@ -104,6 +104,12 @@ class TextTokenizer:
             return self._hf.decode(ids)
         return self._impl.decode(ids)
 
+    def worker_spec(self) -> tuple:
+        """What a worker process needs to rebuild this tokenizer's encoder (see `worker_tokenizer`)."""
+        if self.kind == "huggingface" and self._backend is not None:
+            return ("backend", self._backend.to_str(), self.vocab_size, self.name_or_path)
+        return ("load", self.name_or_path)
+
     # -- identity ---------------------------------------------------------------------------------------
     def special_ids(self) -> dict:
         if self.kind == "huggingface":
@@ -145,6 +151,34 @@ class TextTokenizer:
             vocab_fingerprint=vocab_hash,
             fingerprint=hashlib.sha256(ident.encode()).hexdigest(),
         )
+
+
+class BackendEncoder:
+    """The encode half of a fast Hugging Face TextTokenizer, rebuilt from its serialised Rust tokenizer.
+    Data-prep workers use it: importing transformers in every worker costs seconds of start-up per
+    process, which on a short run is a large share of the wall time."""
+
+    kind = "huggingface"
+
+    def __init__(self, backend_json: str, vocab_size: int, name_or_path: str):
+        from tokenizers import Tokenizer
+
+        self._backend = Tokenizer.from_str(backend_json)
+        self.vocab_size = vocab_size
+        self.dtype = token_dtype(vocab_size)
+        self.name_or_path = name_or_path
+        enc = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
+        self.encode_batch = lambda texts: [e.ids for e in enc(list(texts), add_special_tokens=False)]
+
+
+def worker_tokenizer(spec: tuple, threads: bool):
+    """Rebuild a tokenizer in a worker process from `TextTokenizer.worker_spec()`."""
+    if not threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    if spec[0] == "backend":
+        return BackendEncoder(*spec[1:])
+    return load_tokenizer(spec[1], threads=threads)
 
 
 def load_tokenizer(name_or_path: str, threads: bool = True) -> TextTokenizer:
