@@ -10,6 +10,9 @@ Sources (fetched with `apt-get download`, no root needed to unpack):
   "book" text (paragraphs separated by blank lines, zstd). The benchmark uses the other parts.
 - dict-gcide: the GNU Collaborative International Dictionary of English (40 MB of 1913 Webster entries,
   blank-line separated; it contains real invalid UTF-8, which the pipeline repairs). Benchmark only.
+- perl-doc: the POD manual pages of Perl 5 (perlfunc, perlfaq, perlre, release notes; GPL/Artistic),
+  as blank-line separated paragraphs with POD commands and formatting codes removed (indented code
+  examples kept, as in any documentation corpus). Benchmark only: brings the corpus over 50 MB.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ _HEADING = re.compile(r"^([=\-~^\"'`#*+<>])\1{3,}\s*$")
 _ROLE = re.compile(r":[a-zA-Z:]+:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`")
 _LITERAL = re.compile(r"``([^`]*)``")
 _LINK = re.compile(r"`([^`<]+?)\s*<[^>]*>`_+")
+_POD_CODE = re.compile(r"[A-Z]<(?:<+\s)?([^<>]*?)(?:\s>+)?>")
 
 
 def fetch_debs(packages, dest: str) -> str:
@@ -97,6 +101,26 @@ def _clean_inline(s: str) -> str:
     return s.replace("*", "").replace("|", "")
 
 
+def pod_paragraphs(pod: str) -> list[str]:
+    """Paragraphs of a POD page: headings and items as text, other commands dropped, formatting codes
+    (C<...>, L<...>, B<<< ... >>>) replaced by their text, indented code paragraphs kept as they are."""
+    out = []
+    for para in re.split(r"\n[ \t]*\n", pod):
+        if not para.strip():
+            continue
+        if para.startswith("="):
+            cmd, _, rest = para.partition(" ")
+            if not cmd.startswith(("=head", "=item")) or not rest.strip():
+                continue
+            para = rest
+        if para[:1] not in (" ", "\t"):
+            prev = None
+            while prev != para:
+                prev, para = para, _POD_CODE.sub(r"\1", para)
+        out.append(para.rstrip())
+    return out
+
+
 def build_sample(workdir: str) -> None:
     root = os.path.join(fetch_debs(["python3.11-doc"], workdir), DOC_SOURCES)
     os.makedirs(SAMPLE_DIR, exist_ok=True)
@@ -123,7 +147,7 @@ def build_sample(workdir: str) -> None:
 
 
 def build_benchmark(workdir: str) -> None:
-    unpacked = fetch_debs(["python3.11-doc", "dict-gcide"], workdir)
+    unpacked = fetch_debs(["python3.11-doc", "dict-gcide", "perl-doc"], workdir)
     os.makedirs(BENCH_DIR, exist_ok=True)
     with gzip.open(os.path.join(unpacked, "usr/share/dictd/gcide.dict.dz"), "rb") as src, \
             open(os.path.join(BENCH_DIR, "gcide.txt"), "wb") as dst:
@@ -138,6 +162,10 @@ def build_benchmark(workdir: str) -> None:
             docs.append(json.dumps({"title": f"{rel}: {title}", "text": text}, ensure_ascii=False))
     with open(os.path.join(BENCH_DIR, "pydocs.jsonl"), "w", encoding="utf-8") as f:
         f.write("\n".join(docs) + "\n")
+    with open(os.path.join(BENCH_DIR, "perldoc.txt"), "w", encoding="utf-8") as f:
+        for path in sorted(glob.glob(os.path.join(unpacked, "usr/share/perl/*/pod/*.pod"))):
+            for para in pod_paragraphs(open(path, encoding="utf-8", errors="replace").read()):
+                f.write(para + "\n\n")
     total = sum(os.path.getsize(os.path.join(BENCH_DIR, n)) for n in os.listdir(BENCH_DIR))
     print(f"benchmark corpus: {total / 1e6:.1f} MB in {BENCH_DIR}")
 
