@@ -370,19 +370,25 @@ def machine() -> dict:
 
 
 def code_state() -> dict:
-    """Commit and uncommitted changes of the code measured (read-only git queries)."""
+    """The code measured: commit, files of pipeline/ and launch/ that differ from it (read-only git queries),
+    and a hash of their content (which a commit of the same content does not change)."""
+    import hashlib
+
     def git(*a):
         try:
             return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    import hashlib
-
-    diff = git("diff", "HEAD", "--", "pipeline", "launch")
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(ROOT, "pipeline", "**", "*.py"), recursive=True)
+                       + glob.glob(os.path.join(ROOT, "launch", "*.py"))):
+        h.update(os.path.relpath(path, ROOT).encode() + b"\0")
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
     return {"commit": git("rev-parse", "--short", "HEAD"),
             "uncommitted_files": git("status", "--porcelain", "--", "pipeline", "launch").splitlines(),
-            "uncommitted_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None}
+            "content_sha256": h.hexdigest()[:16]}
 
 
 def pick(values: list[float], stat: str) -> float:
@@ -569,13 +575,13 @@ def main(argv=None) -> int:
               f"MiB: {'MET' if met['ours_peak_rss_under_1GiB'] else 'MISSED'})")
 
     code = code_state()
-    if code != code_before:
+    if code["content_sha256"] != code_before["content_sha256"]:
         print("WARNING: pipeline/ or launch/ changed during the benchmark; figures mix code versions")
-    print(f"code: commit {code['commit']}" + (f" + uncommitted changes in {len(code['uncommitted_files'])} file(s) "
-                                               f"(diff sha256 {code['uncommitted_diff_sha256']})"
-                                               if code["uncommitted_files"] else ""))
+    print(f"code: commit {code['commit']}" + (f" + uncommitted changes in {len(code['uncommitted_files'])} file(s)"
+                                               if code["uncommitted_files"] else "")
+          + f"; pipeline/ + launch/ content sha256 {code['content_sha256']}")
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S%z"), "machine": machine(), "code": code,
-              "code_changed_during_run": code != code_before,
+              "code_changed_during_run": code["content_sha256"] != code_before["content_sha256"],
               "settings": {"corpus": os.path.relpath(os.path.abspath(args.corpus), ROOT),
                            "files": [os.path.basename(f) for f in txt + jsonl], "corpus_bytes": corpus_bytes,
                            "tokenizer": tok_dir, "workers": args.workers, "repeat": args.repeat, "stat": args.stat,
