@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Data-preparation throughput: our prep vs the raw tokenizer vs `datasets.map`, same text, same machine.
+r"""Data-preparation throughput: our prep vs the raw tokenizer vs `datasets.map`, same text, same machine.
 
     python benchmarks/corpora.py benchmark          # once: builds benchmarks/corpus/ (>= 50 MB, gitignored)
     python benchmarks/prep_throughput.py            # all routes once, table + benchmarks/results/prep_throughput.json
@@ -11,9 +11,10 @@ Inputs: every *.txt file of --corpus (documents separated by blank lines) and ev
 
   raw      tokenizers.Tokenizer from the tokenizer's tokenizer.json (no truncation/padding), its own Rayon
            threads on all cores, encode_batch_fast and encode_batch, add_special_tokens=False, batches of
-           1000 documents. The documents are split in memory beforehand with the pipeline's own reader and
-           cleaner (exactly the documents our prep tokenizes); reading is not timed. This is the floor of
-           the work: the faster of the two calls is the baseline.
+           1000 documents, the calls interleaved batch by batch (so drift in machine speed hits both alike).
+           Runs in a subprocess and is timed inside it. The documents are split in memory beforehand with
+           the pipeline's own reader and cleaner (exactly the documents our prep tokenizes); reading is not
+           timed. This is the floor of the work: the faster of the two calls is the baseline.
   ours     `launch/prepare_data.py --input ... --tokenizer DIR --output TMP --workers N --no-progress
            --valid-fraction 0.005` as a subprocess; wall time around the subprocess (Python start-up,
            planning, tokenizer loading in every worker, writing, checksums and join included). Tokens: the
@@ -28,6 +29,8 @@ Inputs: every *.txt file of --corpus (documents separated by blank lines) and ev
 Memory of the subprocess routes: the sum of RSS over the process tree, sampled every 50 ms with psutil
 (peak total, and peak of any one process), plus ru_maxrss of the finished tree (os.wait4: the largest
 single process in it) and resource.getrusage(RUSAGE_CHILDREN).ru_maxrss of this process after all runs.
+This process stays small (the raw route runs in its own subprocess too): a forked child starts with its
+parent's RSS, which ru_maxrss would otherwise report.
 
 Targets: ours / raw >= 0.9, ours / datasets >= 1.2, ours' peak total RSS < 1 GiB.
 """
@@ -116,33 +119,63 @@ def load_raw_tokenizer(tok_dir: str):
     return tok
 
 
-def run_raw(tok, docs: list[str], method: str, batch_size: int, with_ids: bool = False) -> dict:
-    """Time `method` over all documents in batches; token counting is outside the timed region unless
-    `with_ids` (then converting each encoding's ids to a Python list, as our prep does, is timed too)."""
-    enc = getattr(tok, method)
+RAW_METHODS = ("encode_batch_fast", "encode_batch", "encode_batch_fast+ids")
+
+
+def run_raw(tok, docs: list[str], batch_size: int) -> dict:
+    """Time the raw tokenizer's batch calls over all documents, in batches of `batch_size`. The methods are
+    interleaved batch by batch (rotating their order), so that drift in the machine's speed (shared
+    hosts) affects all of them alike. Token counting is not timed; "encode_batch_fast+ids" also times
+    converting each encoding's ids to a Python list, which our prep has to do."""
+    calls = {m: getattr(tok, m.split("+")[0]) for m in RAW_METHODS}
+    seconds = dict.fromkeys(RAW_METHODS, 0.0)
+    tokens = dict.fromkeys(RAW_METHODS, 0)
     busy0, steal0 = cpu_snapshot()
     self0 = resource.getrusage(resource.RUSAGE_SELF)
     wall0 = time.perf_counter()
-    seconds = 0.0
-    tokens = 0
-    for lo in range(0, len(docs), batch_size):
+    for k, lo in enumerate(range(0, len(docs), batch_size)):
         batch = docs[lo:lo + batch_size]
-        t0 = time.perf_counter()
-        out = enc(batch, add_special_tokens=False)
-        if with_ids:
-            ids = [e.ids for e in out]
-            seconds += time.perf_counter() - t0
-            tokens += sum(map(len, ids))
-        else:
-            seconds += time.perf_counter() - t0
-            tokens += sum(map(len, out))
-        del out
+        for j in range(len(RAW_METHODS)):
+            m = RAW_METHODS[(j + k) % len(RAW_METHODS)]
+            t0 = time.perf_counter()
+            out = calls[m](batch, add_special_tokens=False)
+            if m.endswith("+ids"):
+                ids = [e.ids for e in out]
+                seconds[m] += time.perf_counter() - t0
+                tokens[m] += sum(map(len, ids))
+            else:
+                seconds[m] += time.perf_counter() - t0
+                tokens[m] += sum(map(len, out))
+            del out
     wall = time.perf_counter() - wall0
     busy1, steal1 = cpu_snapshot()
     self1 = resource.getrusage(resource.RUSAGE_SELF)
     own = (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime)
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "wall_s": wall, "cpu_s": own,
-            "foreign_cpu_s": max(0.0, (busy1 - busy0) - own), "steal_s": steal1 - steal0}
+    r = {m: {"seconds": seconds[m], "tokens": tokens[m], "tokens_per_s": tokens[m] / seconds[m]} for m in RAW_METHODS}
+    r.update({"wall_s": wall, "cpu_s": own, "foreign_cpu_s": max(0.0, (busy1 - busy0) - own),
+              "steal_s": steal1 - steal0})
+    return r
+
+
+def raw_route_main(spec: dict) -> None:
+    """Body of the raw route, in its own process: this (driver) process stays small, so that the
+    ru_maxrss of the routes' subprocesses is theirs (a forked child starts with its parent's RSS)."""
+    t0 = time.perf_counter()
+    docs = load_documents(spec["txt"], spec["jsonl"])
+    split_s = time.perf_counter() - t0
+    tok = load_raw_tokenizer(spec["tokenizer"])
+    r = run_raw(tok, docs, spec["batch_size"])
+    r.update({"documents": len(docs), "characters": sum(map(len, docs)), "split_s": split_s})
+    print(json.dumps(r))
+
+
+def run_raw_subprocess(txt, jsonl, tok_dir, batch_size) -> dict:
+    spec = {"txt": txt, "jsonl": jsonl, "tokenizer": tok_dir, "batch_size": batch_size}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_raw-route", json.dumps(spec)], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"raw route failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,7 +247,8 @@ def run_measured(cmd: list[str], env: dict, interval: float = 0.05, log_path: st
             "peak_rss_process_cmd": peak_proc_cmd, "peak_processes": peak_procs, "samples": samples,
             "ru_maxrss_tree": ru.ru_maxrss * 1024, "cpu_s": ru.ru_utime + ru.ru_stime,
             "sampler_cpu_s": sampler,
-            "foreign_cpu_s": max(0.0, (busy1 - busy0) - (ru.ru_utime + ru.ru_stime) - sampler), "steal_s": steal1 - steal0,
+            "foreign_cpu_s": max(0.0, (busy1 - busy0) - (ru.ru_utime + ru.ru_stime) - sampler),
+            "steal_s": steal1 - steal0,
             "stdout": b"".join(stdout_chunks).decode(errors="replace")}
 
 
@@ -224,7 +258,8 @@ def cpu_snapshot() -> tuple[float, float]:
 
     t = psutil.cpu_times()
     steal = getattr(t, "steal", 0.0)
-    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - steal - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - steal
+    busy -= getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)  # already counted in user time
     return busy, steal
 
 
@@ -415,9 +450,13 @@ def main(argv=None) -> int:
     p.add_argument("--tmp", default=None, help="scratch folder for outputs (default: the system temp dir)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "prep_throughput.json"))
     p.add_argument("--_hf-route", dest="hf_route", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_raw-route", dest="raw_route", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.hf_route:
         hf_route_main(json.loads(args.hf_route))
+        return 0
+    if args.raw_route:
+        raw_route_main(json.loads(args.raw_route))
         return 0
 
     tok_dir = args.tokenizer or default_tokenizer()
@@ -432,22 +471,12 @@ def main(argv=None) -> int:
           f"workers {args.workers}; repeat {args.repeat} ({args.stat})", flush=True)
 
     runs = {r: [] for r in routes}
-    raw_tok = docs = None
-    split_s = None
-    if "raw" in routes:
-        t0 = time.perf_counter()
-        docs = load_documents(txt, jsonl)
-        split_s = time.perf_counter() - t0
-        raw_tok = load_raw_tokenizer(tok_dir)
-        print(f"raw: {len(docs):,} documents, {sum(map(len, docs)):,} characters (read+split+clean single-threaded "
-              f"{split_s:.1f} s, not timed)", flush=True)
+
     def measure(route: str) -> tuple[dict, str]:
         if route == "raw":
-            r = {m: run_raw(raw_tok, docs, m, args.batch_size) for m in ("encode_batch_fast", "encode_batch")}
-            r["encode_batch_fast+ids"] = run_raw(raw_tok, docs, "encode_batch_fast", args.batch_size, True)
-            msg = ", ".join(f"{m} {v['tokens_per_s']:,.0f} tok/s ({v['seconds']:.1f} s)" for m, v in r.items())
-            for k in ("wall_s", "foreign_cpu_s", "steal_s"):
-                r[k] = sum(r[m][k] for m in ("encode_batch_fast", "encode_batch", "encode_batch_fast+ids"))
+            r = run_raw_subprocess(txt, jsonl, tok_dir, args.batch_size)
+            msg = (f"{r['documents']:,} documents (split in {r['split_s']:.1f} s, not timed): "
+                   + ", ".join(f"{m} {r[m]['tokens_per_s']:,.0f} tok/s ({r[m]['seconds']:.1f} s)" for m in RAW_METHODS))
         elif route == "ours":
             r = run_ours(txt, jsonl, tok_dir, args.workers, tmp_root, log_dir)
             msg = (f"{r['wall_s']:.1f} s, {r['tokens']:,} tokens, {r['tokens_per_s']:,.0f} tok/s, peak RSS "
@@ -486,13 +515,14 @@ def main(argv=None) -> int:
     summary: dict = {}
     if "raw" in routes:
         summary["raw"] = {}
-        for m in ("encode_batch_fast", "encode_batch", "encode_batch_fast+ids"):
+        for m in RAW_METHODS:
             secs = pick([r[m]["seconds"] for r in runs["raw"]], args.stat)
             tokens = runs["raw"][0][m]["tokens"]
             summary["raw"][m] = {"seconds": secs, "tokens": tokens, "tokens_per_s": tokens / secs}
         best = max(("encode_batch_fast", "encode_batch"), key=lambda m: summary["raw"][m]["tokens_per_s"])
         summary["raw"]["baseline"] = best
-        summary["raw"]["documents"] = len(docs)
+        summary["raw"]["documents"] = runs["raw"][0]["documents"]
+        summary["raw"]["split_s"] = runs["raw"][0]["split_s"]
     for route, key in (("ours", "wall_s"), ("datasets", "load_to_saved_s")):
         if route not in routes:
             continue
@@ -515,6 +545,16 @@ def main(argv=None) -> int:
         if summary["ours"]["tokens"] != summary["raw"]["encode_batch_fast"]["tokens"]:
             print(f"NOTE: token counts differ: ours {summary['ours']['tokens']:,} vs raw "
                   f"{summary['raw']['encode_batch_fast']['tokens']:,}")
+    # Paired ratios: each round's routes ran back to back, so their ratio is less exposed to the slow drift of
+    # a shared machine's speed than the ratio of medians taken over different rounds.
+    paired = {}
+    if "ours" in runs and "raw" in runs:
+        paired["ours_over_raw"] = [(o["tokens"] / o["wall_s"]) / max(r["encode_batch_fast"]["tokens_per_s"],
+                                                                     r["encode_batch"]["tokens_per_s"])
+                                   for r, o in zip(runs["raw"], runs["ours"])]
+    if "ours" in runs and "datasets" in runs:
+        paired["ours_over_datasets"] = [d["load_to_saved_s"] / o["wall_s"]
+                                        for o, d in zip(runs["ours"], runs["datasets"])]
     if "ours" in summary and "datasets" in summary:
         ratios["ours_over_datasets"] = summary["ours"]["tokens_per_s"] / summary["datasets"]["tokens_per_s"]
         met["ours_over_datasets"] = ratios["ours_over_datasets"] >= TARGETS["ours_over_datasets"]
@@ -524,7 +564,7 @@ def main(argv=None) -> int:
     # ---- table
     rows = []
     if "raw" in summary:
-        for m in ("encode_batch_fast", "encode_batch", "encode_batch_fast+ids"):
+        for m in RAW_METHODS:
             v = summary["raw"][m]
             tag = " (baseline)" if m == summary["raw"]["baseline"] else ""
             rows.append((f"raw Tokenizer.{m}{tag}", f"{v['seconds']:.2f}", f"{v['tokens']:,}",
@@ -554,8 +594,8 @@ def main(argv=None) -> int:
               f"s in units ({v['units']} units of {v['unit_bytes'] >> 20} MiB); ru_maxrss (largest process) "
               f"{v['ru_maxrss_tree'] / MIB:,.0f} MiB")
         print(f"ours in steady state (tokens / (worker-seconds in units / workers)): {v['steady_tokens_per_s']:,.0f} "
-              f"tok/s = {v['steady_tokens_per_s'] / base:.2f} x raw; the rest of the wall time ({v['overhead_s']:.1f} s) "
-              f"is start-up, tail and exit" if "raw" in summary else "")
+              f"tok/s = {v['steady_tokens_per_s'] / base:.2f} x raw; the rest of the wall time "
+              f"({v['overhead_s']:.1f} s) is start-up, tail and exit" if "raw" in summary else "")
     if "datasets" in summary:
         v = summary["datasets"]
         print(f"datasets: load {v['load_s']:.1f} s + map {v['map_s']:.1f} s + save {v['save_s']:.1f} s; subprocess "
@@ -569,7 +609,9 @@ def main(argv=None) -> int:
                   f"machine during them (see foreign_cpu_s in the JSON)")
     names = {"ours_over_raw": ">= 0.9", "ours_over_datasets": ">= 1.2"}
     for k, v in ratios.items():
-        print(f"{k}: {v:.3f} (target {names[k]}: {'MET' if met[k] else 'MISSED'})")
+        rounds = (f"; per round {', '.join(f'{x:.2f}' for x in paired[k])} (median {statistics.median(paired[k]):.2f})"
+                  if len(paired.get(k, ())) > 1 else "")
+        print(f"{k}: {v:.3f} (target {names[k]}: {'MET' if met[k] else 'MISSED'}){rounds}")
     if "ours_peak_rss_under_1GiB" in met:
         print(f"ours peak RSS (process tree): {summary['ours']['peak_rss_total_max'] / MIB:,.0f} MiB (target < 1024 "
               f"MiB: {'MET' if met['ours_peak_rss_under_1GiB'] else 'MISSED'})")
@@ -585,9 +627,9 @@ def main(argv=None) -> int:
               "settings": {"corpus": os.path.relpath(os.path.abspath(args.corpus), ROOT),
                            "files": [os.path.basename(f) for f in txt + jsonl], "corpus_bytes": corpus_bytes,
                            "tokenizer": tok_dir, "workers": args.workers, "repeat": args.repeat, "stat": args.stat,
-                           "raw_batch_size": args.batch_size, "raw_split_seconds": split_s},
-              "summary": summary, "ratios": ratios, "targets": {"ours_over_raw": 0.9, "ours_over_datasets": 1.2,
-                                                                 "ours_peak_rss_total_bytes_below": GIB},
+                           "raw_batch_size": args.batch_size},
+              "summary": summary, "ratios": ratios, "paired_ratios_per_round": paired,
+              "targets": {"ours_over_raw": 0.9, "ours_over_datasets": 1.2, "ours_peak_rss_total_bytes_below": GIB},
               "met": met, "ru_maxrss_children_bytes": ru_children, "runs": runs}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
