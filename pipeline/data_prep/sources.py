@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from .cleaning import decode
+
 CHUNK = 1 << 20  # longest piece of a line read at once: bounds memory for a 50 MB single-line file
 TEXT_EXT = (".txt", ".text")
 JSONL_EXT = (".jsonl", ".ndjson")
@@ -479,21 +481,13 @@ def read_jsonl_range(f, start: int, end: int | None, field: str, max_record_byte
         buf.clear()
         if raw.isspace() or not raw:
             continue
-        try:
-            text, repaired = raw.decode("utf-8"), False
-        except UnicodeDecodeError:
-            text, repaired = raw.decode("utf-8", errors="replace"), True
-        yield from _json_record(text, line_idx, field, repaired, bad)
+        yield from _json_record(*decode(raw), line_idx, field, bad)
     if buf and not too_long and not bytes(buf).isspace():  # last line without a newline
         raw = bytes(buf)
-        try:
-            text, repaired = raw.decode("utf-8"), False
-        except UnicodeDecodeError:
-            text, repaired = raw.decode("utf-8", errors="replace"), True
-        yield from _json_record(text, line_idx, field, repaired, bad)
+        yield from _json_record(*decode(raw), line_idx, field, bad)
 
 
-def _json_record(text: str, loc: int, field: str, repaired: bool, bad) -> Iterator[tuple[str, int, bool]]:
+def _json_record(text: str, repaired: bool, loc: int, field: str, bad) -> Iterator[tuple[str, int, bool]]:
     try:
         obj = json.loads(text)
     except ValueError as e:
@@ -575,7 +569,7 @@ def read_json_array(f, path: str, field: str, max_record_bytes: int,
         if isinstance(obj, dict) and isinstance(obj.get(field), str):
             yield obj[field], loc, "\ufffd" in obj[field]
         else:
-            yield from _json_record(json.dumps(obj), loc, field, False, bad)
+            yield from _json_record(json.dumps(obj), False, loc, field, bad)
 
 
 def _load_disk(src: Source):
