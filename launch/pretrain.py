@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Distil a student from a teacher (or pretrain it with MLM alone) with DeepSpeed.
+
+    deepspeed launch/pretrain.py --config distilbert_base --deepspeed_config ds_configs/zero2_bf16.json \
+        data.path=/scratch/wikibooks run_dir=/scratch/runs/distil
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/pretrain.py --config tiny_cpu ...   # 2 CPU ranks (gloo)
+    torchrun --nproc_per_node 8 launch/pretrain.py ...                                    # also works
+    python launch/pretrain.py --help-config                                              # every key, documented
+
+Exit status: 0 done, 2 bad configuration or input, 1 failure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="recipe YAML path or shipped recipe name (pipeline/recipes/)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                   help="DeepSpeed JSON (ZeRO stage, precision); default ds_configs/zero2_bf16.json on GPU, "
+                        "ds_configs/zero2_fp32.json on CPU")
+    p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint of run_dir), none, or a "
+                                                    "checkpoint folder")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from deepspeed
+    p.add_argument("--help-config", action="store_true", help="list every recipe key with its default and meaning")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.lr=3e-4 batch.micro_size=8")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    from pipeline.training.config import ConfigError, describe_fields, load_config
+
+    if args.help_config:
+        print("\n".join(describe_fields()))
+        return 0
+    if not args.config:
+        print("error: --config is required (a recipe path or a shipped name, e.g. --config tiny_cpu)", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", message=".*TypedStorage.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls, per rank
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # per-file loading bars from every rank drown the log
+    hf_logging.set_verbosity_error()
+    from pipeline.data.prepared import DatasetError
+    from pipeline.data_prep.tokenizer import TokenizerLoadError
+    from pipeline.models import ModelLoadError
+    from pipeline.training import distributed
+    from pipeline.training.ds_config import DS_CONFIG_DIR, load_ds_config
+    from pipeline.training.trainer import run
+
+    dist = None
+    try:
+        cfg = load_config(args.config, args.overrides)  # before the process group: errors come out once per rank
+        dist = distributed.init_distributed()
+        ds_path = args.deepspeed_config or os.path.join(DS_CONFIG_DIR, "zero2_bf16.json" if dist.on_gpu
+                                                        else "zero2_fp32.json")
+        run(cfg, load_ds_config(ds_path), dist, resume=args.resume, ds_source=ds_path, command=sys.argv)
+        return 0
+    except (ConfigError, DatasetError, TokenizerLoadError, ModelLoadError, FileNotFoundError) as e:
+        if dist is None or dist.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        distributed.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

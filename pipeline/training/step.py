@@ -1,0 +1,87 @@
+"""One distillation micro-step: teacher forward under inference mode, student forward through the DeepSpeed engine,
+the fp32 losses, and the few on-device counters logged later (no host sync here)."""
+from __future__ import annotations
+
+import torch
+
+from pipeline.losses.distill import LossTerms, distillation_loss
+
+# Order of the on-device counters summed over micro-steps and ranks between two log lines.
+COUNTERS = ("micro_steps", "loss", "kd", "mlm", "cos", "mse", "tokens", "masked", "student_correct",
+            "teacher_correct", "agree", "student_mlm", "teacher_mlm")
+
+
+def rows_for(batch: dict, loss_cfg, with_teacher: bool) -> torch.Tensor:
+    """Which tokens get logits: every non-pad token when the KD term covers all tokens, else the masked ones
+    (and the teacher-free run only ever needs masked-token logits)."""
+    if with_teacher and loss_cfg.kd_tokens == "all":
+        return batch["attention_mask"].bool()
+    return batch["labels"] != -100
+
+
+@torch.no_grad()
+def teacher_outputs(teacher, input_ids, attention_mask, rows):
+    """The teacher's last hidden states and logits on `rows`, as ordinary tensors.
+
+    The encoder runs under inference mode (no autograd records, the cheapest path); its output rows are cloned out of
+    inference mode (autograd refuses inference tensors in the loss's backward), then the small MLM head runs under
+    no_grad on those rows only: the teacher never materialises logits for tokens the loss ignores.
+    """
+    with torch.inference_mode():
+        hidden = teacher.encode(input_ids, attention_mask)[rows]
+    hidden = hidden.clone()
+    return hidden, teacher.logits(teacher.transform(hidden))
+
+
+def forward_losses(engine, teacher, batch: dict, loss_cfg) -> tuple[LossTerms, dict]:
+    with_teacher = teacher is not None
+    rows = rows_for(batch, loss_cfg, with_teacher)
+    am = batch["attention_mask"]
+    s_hidden, s_logits = engine(batch["input_ids"], am, rows)
+    s_rows = s_hidden[rows]
+    labels = batch["labels"][rows]
+    t_hidden = t_logits = None
+    if with_teacher:
+        t_hidden, t_logits = teacher_outputs(teacher, batch["input_ids"], am, rows)
+    terms = distillation_loss(student_logits=s_logits, labels=labels, student_hidden=s_rows, teacher_hidden=t_hidden,
+                              teacher_logits=t_logits, weights=loss_cfg, temperature=loss_cfg.temperature)
+    with torch.no_grad():
+        masked = labels != -100
+        s_pred = s_logits[masked].argmax(-1)
+        gold = labels[masked]
+        stats = {"tokens": am.sum(), "masked": masked.sum(), "student_correct": (s_pred == gold).sum()}
+        if gold.numel():
+            stats["student_mlm"] = torch.nn.functional.cross_entropy(s_logits[masked].float(), gold, reduction="sum")
+        if with_teacher:
+            t_masked = t_logits[masked]
+            t_pred = t_masked.argmax(-1)
+            stats["teacher_correct"] = (t_pred == gold).sum()
+            stats["agree"] = (t_pred == s_pred).sum()
+            if gold.numel():
+                stats["teacher_mlm"] = torch.nn.functional.cross_entropy(t_masked.float(), gold, reduction="sum")
+    return terms, stats
+
+
+class Counters:
+    """Sums kept on the device between log lines; one all-reduce and one host copy per log line."""
+
+    def __init__(self, device):
+        self.device = device
+        self.values = torch.zeros(len(COUNTERS), dtype=torch.float64, device=device)
+
+    def add(self, terms: LossTerms, stats: dict) -> None:
+        v = self.values
+        v[0] += 1
+        v[1] += terms.total.detach().double()
+        for i, name in enumerate(("kd", "mlm", "cos", "mse"), start=2):
+            t = getattr(terms, name)
+            if t is not None:
+                v[i] += t.detach().double()
+        for name, x in stats.items():
+            v[COUNTERS.index(name)] += x.double()
+
+    def reduce_and_reset(self, all_reduce) -> dict:
+        v = all_reduce(self.values.clone())
+        out = dict(zip(COUNTERS, v.tolist()))  # host sync: once per log interval
+        self.values.zero_()
+        return out
