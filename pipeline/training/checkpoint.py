@@ -146,11 +146,51 @@ def load(engine, ckpt: str, rank: int, *, universal: bool) -> dict:
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
-    state = read_state(ckpt)
+    if universal:
+        _fix_adam_step(engine, ckpt)
+    return read_state(ckpt)
+
+
+def _saved_adam_step(ckpt: str):
+    """The optimiser's step count as saved by rank 0 of the original run."""
+    files = sorted(glob.glob(os.path.join(ckpt, "*optim_states.pt")))
+    if not files:
+        return None
+
+    def find(obj):
+        if isinstance(obj, dict):
+            if "step" in obj and (torch.is_tensor(obj["step"]) or isinstance(obj["step"], (int, float))):
+                return obj["step"]
+            for v in obj.values():
+                found = find(v)
+                if found is not None:
+                    return found
+        return None
+
+    return find(torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"])
+
+
+def _fix_adam_step(engine, ckpt: str) -> None:
+    """DeepSpeed 0.19's universal loader leaves Adam's step count wrong (measured: 4 after 2 steps on 2 ranks), which
+    changes the bias correction of every later update. Put back the count the original run saved."""
+    step = _saved_adam_step(ckpt)
+    if step is None:
+        return
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if "step" in state:
+            old = state["step"]
+            state["step"] = (torch.full_like(old, float(step)) if torch.is_tensor(old) else type(old)(float(step)))
+
+
+def restore_rng(ckpt: str, rank: int) -> bool:
+    """Put this rank's RNG back where it was at the save (dropout continues exactly). Call it after everything that
+    draws from the RNG at start-up (a DataLoader iterator draws its workers' base seed), right before the loop."""
     rng_file = os.path.join(ckpt, "rng", f"rank{rank:05d}.pt")
-    if not universal and os.path.exists(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
+    if not os.path.exists(rng_file):
+        return False
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return True
 
 
 def fp32_state_dict(ckpt: str) -> dict:

@@ -141,7 +141,8 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
     if cfg.loss.needs_teacher or cfg.student.init == "teacher":
         tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.teacher.dtype) or (
             torch.bfloat16 if dist.on_gpu else torch.float32)
-        teacher = load_teacher(cfg.teacher.name_or_path, dtype=tdtype, device=dist.device)
+        # Loaded in fp32 so the student copied from it starts from exact weights; cast after the copy.
+        teacher = load_teacher(cfg.teacher.name_or_path, dtype=torch.float32, device=dist.device)
     s = cfg.student
     try:
         student = build_student(arch=s.arch, init=s.init, teacher=teacher, layers=s.layers, n_layers=s.n_layers,
@@ -158,6 +159,8 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
     if teacher is not None and teacher.hf.config.vocab_size != student.hf.config.vocab_size:
         raise ConfigError("recipe", [f"teacher vocabulary {teacher.hf.config.vocab_size} != student "
                                      f"{student.hf.config.vocab_size}"])
+    if teacher is not None and tdtype != torch.float32:
+        teacher.to(tdtype)
     if not cfg.loss.needs_teacher and teacher is not None:
         teacher = None  # only needed for initialisation: free it
         if dist.on_gpu:
@@ -231,6 +234,10 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
         from tqdm import tqdm
         bar = tqdm(total=stop_at, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr)
     batches = iter(stream)
+    if resume_from and not universal:
+        # Same world size: each rank continues its own dropout stream. Another world size has other ranks, so their
+        # RNG streams cannot continue; data order and masks do not depend on it (keyed by sample position).
+        ckpt_lib.restore_rng(resume_from, dist.rank)
     t_last, data_wait = time.time(), 0.0
     last_eval = {}
     last_saved = step if resume_from else -1
