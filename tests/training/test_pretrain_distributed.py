@@ -9,6 +9,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -77,6 +79,16 @@ def test_zero3_two_ranks_trains_evaluates_checkpoints_and_exports(tmp_path, tiny
         key = "hf." + name
         if key in master:
             torch.testing.assert_close(p, master[key], rtol=0, atol=0)
+    # launch/export.py does the same for any checkpoint (here the step-2 one, given as the run's older checkpoint).
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "exported2"
+    proc = subprocess.run([sys.executable, "launch/export.py", _final(run, 2), str(out)], capture_output=True,
+                          text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    step2 = AutoModelForMaskedLM.from_pretrained(out)
+    m2 = _fp32(_final(run, 2))
+    w = "distilbert.transformer.layer.0.ffn.lin1.weight"
+    assert torch.equal(step2.state_dict()[w], m2["hf." + w]) and not torch.equal(step2.state_dict()[w], master["hf." + w])
 
 
 def test_stop_and_resume_equals_uninterrupted_zero2(tmp_path, tiny_teacher, sample_data):

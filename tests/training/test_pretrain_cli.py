@@ -1,0 +1,56 @@
+"""launch/pretrain.py refuses bad input before spending compute: clear messages, exit status 2, no traceback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.training.conftest import ROOT, pretrain
+
+
+def _run(*args):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_every_config_problem_in_one_message():
+    proc = _run("--config", "tiny_cpu", "optimizer.lr=-1", "batch.micro_size=0", "loss.kd_tokens=some")
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr
+    for key in ("run_dir: required", "data.path: required", "optimizer.lr: must be > 0", "batch.micro_size: must be",
+                "loss.kd_tokens: all or masked", "teacher.name_or_path"):
+        assert key in err, (key, err)
+    assert "Traceback" not in err
+
+
+def test_help_config_and_missing_recipe():
+    proc = _run("--help-config")
+    assert proc.returncode == 0 and "loss.temperature = 2.0" in proc.stdout
+    proc = _run("--config", "nope")
+    assert proc.returncode == 2 and "not a shipped recipe" in proc.stderr and "distilbert_base" in proc.stderr
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path, sample_data):
+    """A teacher whose tokenizer is not the one the data was prepared with: ids would mean other words."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)] + ["the", "and", "##s"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    teacher = tmp_path / "other_teacher"
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(teacher)
+    BertForMaskedLM(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(teacher)
+    proc = pretrain(tmp_path / "run", teacher, sample_data, "train.max_steps=1", ranks=None, launcher="python",
+                    check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "was prepared with tokenizer" in proc.stderr and "Prepare the data with the model's tokenizer" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_teacher_without_mlm_head_is_refused(tmp_path, sample_data, wordpiece_dir):
+    """all-MiniLM-L6-v2 is an encoder without an MLM head: as a teacher its soft targets would be noise."""
+    proc = pretrain(tmp_path / "run", wordpiece_dir, sample_data, "train.max_steps=1", ranks=None, launcher="python",
+                    check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "MLM head" in proc.stderr and "Traceback" not in proc.stderr
