@@ -153,6 +153,9 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                                 seed=cfg.train.seed)
     except ValueError as e:
         raise ConfigError("student", [str(e)]) from None
+    if student.hf.config.vocab_size < train.vocab_size:
+        raise ConfigError("student", [f"the student's vocabulary ({student.hf.config.vocab_size}) is smaller than the "
+                                      f"dataset's ({train.vocab_size}): prepare the data with the student's tokenizer"])
     if cfg.data.seq_len > student.hf.config.max_position_embeddings:
         raise ConfigError("recipe", [f"data.seq_len ({cfg.data.seq_len}) exceeds the student's "
                                      f"{student.hf.config.max_position_embeddings} position embeddings"])

@@ -56,7 +56,7 @@ FAST = ["data.seq_len=64", "batch.global_size=16", "batch.micro_size=4", "data.n
 
 def pretrain(run_dir, teacher, data, *overrides, ranks=2, ds="zero2_fp32.json", launcher="deepspeed", resume=None,
              timeout=300, check=True) -> subprocess.CompletedProcess:
-    """Run launch/pretrain.py through the real `deepspeed` launcher (or plain python for ranks=None)."""
+    """Run launch/pretrain.py through the real `deepspeed` launcher, torchrun, or plain python."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     args = ["--config", "tiny_cpu", "--deepspeed_config", str(ROOT / "ds_configs" / ds),
@@ -66,6 +66,9 @@ def pretrain(run_dir, teacher, data, *overrides, ranks=2, ds="zero2_fp32.json", 
     if launcher == "deepspeed":
         cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
                "--master_port", str(free_port()), str(ROOT / "launch" / "pretrain.py"), *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+               str(free_port()), str(ROOT / "launch" / "pretrain.py"), *args]
     else:
         cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))

@@ -94,7 +94,7 @@ def test_zero3_two_ranks_trains_evaluates_checkpoints_and_exports(tmp_path, tiny
 def test_stop_and_resume_equals_uninterrupted_zero2(tmp_path, tiny_teacher, sample_data):
     common = ["train.max_steps=4", "checkpoint.every_steps=0", "student.dropout=0.1", "eval.n_samples=0"]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    pretrain(whole, tiny_teacher, sample_data, *common)
+    pretrain(whole, tiny_teacher, sample_data, *common, launcher="torchrun")  # the launcher must not matter
     pretrain(split, tiny_teacher, sample_data, *common, "train.stop_at_step=2")
     assert not os.path.exists(_final(split, 4)) and os.path.exists(_final(split, 2) + "/complete.json")
     proc = pretrain(split, tiny_teacher, sample_data, *common)
