@@ -13,6 +13,7 @@ from pipeline.training.step import Counters, forward_losses
 @torch.no_grad()
 def evaluate(engine, teacher, batches, loss_cfg, device) -> dict:
     """Student and teacher MLM loss and accuracy, KD loss and top-1 agreement on the masked tokens."""
+    was_training = engine.training
     engine.eval()
     counters = Counters(device)
     try:
@@ -21,7 +22,7 @@ def evaluate(engine, teacher, batches, loss_cfg, device) -> dict:
             terms, stats = forward_losses(engine, teacher, batch, loss_cfg)
             counters.add(terms, stats)
     finally:
-        engine.train()
+        engine.train(was_training)
     c = counters.reduce_and_reset(all_reduce_sum)
     n = max(c["micro_steps"], 1.0)
     masked = max(c["masked"], 1.0)
