@@ -67,6 +67,10 @@ def main(argv=None) -> int:
         if dist is None or dist.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Exception as e:  # name the rank and the cause; the launcher then stops the other ranks
+        from pipeline.training.faults import report_rank_failure
+        report_rank_failure(dist.rank if dist else int(os.environ.get("RANK", 0)), e)
+        return 1
     finally:
         distributed.destroy()
 

@@ -18,6 +18,7 @@ from pipeline.training.config import ConfigError, RunConfig, plan_batch
 from pipeline.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from pipeline.training.ds_config import finalize_ds_config, offloads_optimizer, precision, zero_stage
 from pipeline.training.evaluate import evaluate
+from pipeline.training.faults import StopFlags, requeue_slurm_job
 from pipeline.training.metrics import MetricWriter
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.step import Counters, forward_losses
@@ -232,6 +233,8 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                       keep_last=cfg.checkpoint.keep_last, log=log)
 
     counters = Counters(dist.device)
+    stop_flags = StopFlags()
+    preempted = False
     bar = None
     if dist.is_main and cfg.logging.progress:
         from tqdm import tqdm
@@ -307,15 +310,22 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step != stop_at:
                 save(step)
                 last_saved = step
+            if step < stop_at and stop_flags.agree(dist.device):
+                log(f"stop requested ({stop_flags.received or 'signal on another rank'}) at step {step}: "
+                    f"checkpointing and exiting")
+                preempted = True
+                break
         if bar is not None:
             bar.close()
             bar = None
-        if eval_batches is not None:
+        if eval_batches is not None and not preempted:
             last_eval = evaluate(engine, teacher, eval_batches, cfg.loss, dist.device)
             writer.write(step, last_eval, kind="eval")
             log("final held-out evaluation: " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in last_eval.items()))
         if last_saved != step:
             save(step)
+        if preempted and dist.is_main:
+            requeue_slurm_job(log)
         if dist.is_main and step == total_steps and cfg.checkpoint.export_hf:
             final = os.path.join(run_dir, "student")
             shutil.rmtree(final, ignore_errors=True)
@@ -323,6 +333,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
             log(f"student exported to {final} (AutoModelForMaskedLM.from_pretrained loads it)")
         barrier()
     finally:
+        stop_flags.restore()
         if bar is not None:
             bar.close()
         writer.close()

@@ -1,0 +1,64 @@
+"""Preemption and failures: a signal only sets a flag; the ranks agree at a step boundary and act together.
+
+SLURM sends SIGUSR1 (`--signal=USR1@<lead>`) before the time limit or a preemption, and SIGTERM when it cancels.
+Doing I/O inside a signal handler, or letting one rank stop while the others wait in a collective, hangs or
+corrupts; so the handler sets a flag, and at the next step boundary one all-reduce tells every rank whether any rank
+was signalled. Then all save a checkpoint together, rank 0 requeues the job, and everyone exits 0.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import traceback
+
+import torch
+
+from pipeline.training.distributed import all_reduce_sum
+
+
+class StopFlags:
+    """Set by signal handlers on this rank; reduced across ranks with `agree`."""
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self.received: str | None = None
+        self._previous = {}
+        for s in signals:
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):  # async-signal context: set the flag, nothing else
+        self.received = signal.Signals(signum).name
+
+    def agree(self, device) -> bool:
+        """True on every rank when any rank was signalled (one all-reduce of one number)."""
+        t = torch.tensor([1.0 if self.received else 0.0], device=device)
+        return bool(all_reduce_sum(t).item() > 0)  # host sync: once per step, the cost of stopping on time
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def requeue_slurm_job(log) -> bool:
+    """Rank 0 only: put this SLURM job back in the queue (it then resumes from the checkpoint just written)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or os.environ.get("DISTIL_REQUEUE", "1") != "1":
+        return False
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log(f"warning: could not requeue SLURM job {job}: {e}; resubmit it (it resumes with --resume auto)")
+        return False
+    if proc.returncode != 0:
+        log(f"warning: scontrol requeue {job} failed ({proc.stderr.strip()}); resubmit the job to resume")
+        return False
+    log(f"SLURM job {job} requeued")
+    return True
+
+
+def report_rank_failure(rank: int, exc: BaseException) -> None:
+    """One line naming the rank and the cause on stderr (every rank: the failing one may not be rank 0), then the
+    traceback; the launcher then stops the other ranks."""
+    print(f"[pretrain] rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    traceback.print_exc(file=sys.stderr)
