@@ -87,7 +87,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, run_dir: str, *, step: int, trainer_state: dict, rank: int, student_init: str,
-         export_hf: bool, keep_last: int, log=print) -> str:
+         export_hf: bool, keep_last: int, log=print, device=None) -> str:
     """Save on every rank (DeepSpeed's save is collective); rank 0 finishes the folder and prunes old ones."""
     root = os.path.join(run_dir, "checkpoints")
     tag = tag_for(step)
@@ -100,26 +100,63 @@ def save(engine, run_dir: str, *, step: int, trainer_state: dict, rank: int, stu
     t0 = time.time()
     from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-    # The marker ds_to_universal needs to convert this checkpoint for another world size (no tensor parallelism
-    # here, so no merge patterns beyond the version).
-    engine.save_checkpoint(root, tag=tag, save_latest=False, client_state={
-        UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
-    os.makedirs(os.path.join(path, "rng"), exist_ok=True)
-    torch.save(rng_state(), os.path.join(path, "rng", f"rank{rank:05d}.pt"))
-    barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
+    error = None
+    try:
+        # The marker ds_to_universal needs to convert this checkpoint for another world size (no tensor
+        # parallelism here, so no merge patterns beyond the version).
+        engine.save_checkpoint(root, tag=tag, save_latest=False, client_state={
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
+        os.makedirs(os.path.join(path, "rng"), exist_ok=True)
+        torch.save(rng_state(), os.path.join(path, "rng", f"rank{rank:05d}.pt"))
+        _injected_failure(step, rank)
+    except OSError as e:  # disk full, quota, I/O error: this checkpoint is lost, the previous one must not be
+        error = e
+    # Every rank's files are on disk (or some rank failed) before rank 0 declares the checkpoint complete; the
+    # all-reduce is the barrier, and it carries the verdict so all ranks act alike.
+    _agree_or_raise(error, step, rank, root, device)
     if rank == 0:
-        shutil.copytree(student_init, os.path.join(path, "student_init"))
-        _atomic_json(os.path.join(path, STATE), trainer_state)
-        if export_hf:
-            export(path, os.path.join(path, "hf"))
-        _atomic_json(os.path.join(path, COMPLETE), {"step": step, "time": time.time(),
-                                                    "seconds": round(time.time() - t0, 3)})
-        for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(old + "_universal", ignore_errors=True)
-        log(f"checkpoint {path} ({time.time() - t0:.1f} s)")
-    barrier()
+        try:
+            shutil.copytree(student_init, os.path.join(path, "student_init"))
+            _atomic_json(os.path.join(path, STATE), trainer_state)
+            if export_hf:
+                export(path, os.path.join(path, "hf"))
+            _atomic_json(os.path.join(path, COMPLETE), {"step": step, "time": time.time(),
+                                                        "seconds": round(time.time() - t0, 3)})
+            error = None
+        except OSError as e:
+            error = e
+        if error is None:
+            for old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old + "_universal", ignore_errors=True)
+            log(f"checkpoint {path} ({time.time() - t0:.1f} s)")
+    _agree_or_raise(error, step, rank, root, device)
     return path
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous complete one is untouched."""
+
+
+def _injected_failure(step: int, rank: int) -> None:
+    """Fault injection for tests: DISTIL_INJECT_SAVE_FAILURE=<step>:<rank> fails that rank's save halfway, after
+    DeepSpeed has written its files (the worst moment: a folder that looks nearly complete)."""
+    if os.environ.get("DISTIL_INJECT_SAVE_FAILURE") == f"{step}:{rank}":
+        import errno
+        raise OSError(errno.ENOSPC, "injected failure: no space left on device")
+
+
+def _agree_or_raise(error, step: int, rank: int, root: str, device) -> None:
+    from pipeline.training.distributed import all_reduce_sum
+    failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0 + rank], device=device)).item()
+    if failed == 0:
+        return
+    done = complete_checkpoints(root)
+    previous = done[-1] if done else None
+    where = f"on rank {rank}: {error}" if error is not None else "on another rank (see its message)"
+    raise CheckpointError(f"writing the checkpoint of step {step} failed {where}. The previous complete checkpoint "
+                          f"{previous or '(none)'} is untouched and `--resume auto` will use it; free space or fix "
+                          f"the file system, then restart the job")
 
 
 def prepare_universal(ckpt: str, rank: int) -> str:

@@ -23,6 +23,7 @@ class StopFlags:
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
         self.received: str | None = None
+        self.requeue = False
         self._previous = {}
         for s in signals:
             self._previous[s] = signal.signal(s, self._handle)
@@ -31,9 +32,14 @@ class StopFlags:
         self.received = signal.Signals(signum).name
 
     def agree(self, device) -> bool:
-        """True on every rank when any rank was signalled (one all-reduce of one number)."""
-        t = torch.tensor([1.0 if self.received else 0.0], device=device)
-        return bool(all_reduce_sum(t).item() > 0)  # host sync: once per step, the cost of stopping on time
+        """True on every rank when any rank was signalled (one all-reduce of two numbers). Afterwards
+        `requeue` says whether the job should go back in the queue: SIGUSR1 (time limit, preemption) yes;
+        SIGTERM (scancel: the user wants it gone) no."""
+        t = torch.tensor([1.0 if self.received == "SIGUSR1" else 0.0,
+                          1.0 if self.received and self.received != "SIGUSR1" else 0.0], device=device)
+        usr1, other = all_reduce_sum(t).tolist()  # host sync: once per step, the cost of stopping on time
+        self.requeue = usr1 > 0 and other == 0
+        return usr1 + other > 0
 
     def restore(self) -> None:
         for s, h in self._previous.items():

@@ -230,7 +230,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                          "global_batch": plan.global_size, "config": cfg.to_dict()}
         ckpt_lib.save(engine, run_dir, step=final_step, trainer_state=trainer_state, rank=dist.rank,
                       student_init=student_init, export_hf=cfg.checkpoint.export_hf,
-                      keep_last=cfg.checkpoint.keep_last, log=log)
+                      keep_last=cfg.checkpoint.keep_last, log=log, device=dist.device)
 
     counters = Counters(dist.device)
     stop_flags = StopFlags()
@@ -324,7 +324,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
             log("final held-out evaluation: " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in last_eval.items()))
         if last_saved != step:
             save(step)
-        if preempted and dist.is_main:
+        if preempted and dist.is_main and stop_flags.requeue:
             requeue_slurm_job(log)
         if dist.is_main and step == total_steps and cfg.checkpoint.export_hf:
             final = os.path.join(run_dir, "student")

@@ -131,3 +131,19 @@ def test_killed_rank_stops_the_job_quickly_and_restart_resumes(tmp_path, tiny_te
     res = pretrain(run, tiny_teacher, sample_data, *COMMON, "checkpoint.every_steps=1")
     assert "resumed from" in res.stdout
     _assert_same(_params(run, 16), uninterrupted)
+
+
+def test_checkpoint_failing_halfway_leaves_resume_on_the_previous_one(tmp_path, tiny_teacher, sample_data):
+    run = tmp_path / "run"
+    args = ["train.max_steps=6", "eval.n_samples=0", "checkpoint.every_steps=2", "checkpoint.export_hf=false"]
+    env = {**os.environ, "DISTIL_INJECT_SAVE_FAILURE": "4:1"}  # rank 1 fails after DeepSpeed wrote its files
+    proc = pretrain(run, tiny_teacher, sample_data, *args, check=False, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "writing the checkpoint of step 4 failed on rank 1" in out and "no space left on device" in out
+    assert "step00000002 is untouched" in out
+    assert os.path.exists(run / "checkpoints" / "step00000004")  # the half-written folder is there...
+    assert not os.path.exists(run / "checkpoints" / "step00000004" / "complete.json")  # ...but never complete
+    res = pretrain(run, tiny_teacher, sample_data, *args)
+    assert f"resumed from {run / 'checkpoints' / 'step00000002'}: step 2" in res.stdout
+    assert os.path.exists(run / "checkpoints" / "step00000006" / "complete.json")
