@@ -126,6 +126,8 @@ class TrainConfig:
     max_steps: Optional[int] = doc("optimiser steps to train; null = derived from epochs", None)
     epochs: float = doc("passes over the training split when max_steps is null", 3.0)
     seed: int = doc("seed of initialisation, shuffling, masking and dropout", 56)
+    nonfinite: str = doc("on a non-finite loss: skip (DeepSpeed drops the update; counted in train/skipped_steps) "
+                         "or stop (checkpoint the last good weights, exit 1)", "skip")
     stop_at_step: Optional[int] = doc("stop (with a checkpoint) after this step without changing the schedule; "
                                       "for staged runs", None)
 
@@ -365,6 +367,7 @@ def validate(cfg: RunConfig, source: str = "recipe") -> None:
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps: must be >= 1 or null")
     need(t.max_steps is not None or t.epochs > 0, "train.epochs: must be > 0 when train.max_steps is null")
     need(t.stop_at_step is None or t.stop_at_step >= 1, "train.stop_at_step: must be >= 1 or null")
+    need(t.nonfinite in ("skip", "stop"), f"train.nonfinite: skip or stop, got {t.nonfinite!r}")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps: must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: must be >= 1")
     need(cfg.logging.every_steps >= 1, "logging.every_steps: must be >= 1")

@@ -99,6 +99,15 @@ def finalize_ds_config(ds: dict, cfg: RunConfig, plan: BatchPlan, *, on_gpu: boo
         accum = ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
         if accum != "fp32":
             problems.append(f"data_types.grad_accum_dtype is {accum!r}: bf16 runs must accumulate gradients in fp32")
+    if cfg.train.nonfinite == "skip":
+        # The update is dropped by DeepSpeed's overflow check: the ZeRO optimisers (and fp16) have one, and it
+        # looks at the global gradient norm, so every rank skips together. Stage 0 in fp32/bf16 has none.
+        if stage == 0 and prec != "fp16" or (prec == "fp16" and ds.get("torch_autocast", {}).get("enabled")):
+            problems.append("train.nonfinite=skip needs DeepSpeed to skip non-finite steps, which it does with ZeRO "
+                            "stage >= 1 (or DeepSpeed fp16); use a ZeRO config or train.nonfinite=stop")
+        if ds.get("bf16", {}).get("check_grad_overflow") is False:
+            problems.append("bf16.check_grad_overflow=false: DeepSpeed would apply non-finite updates; remove it or "
+                            "set train.nonfinite=stop")
     if cfg.optimizer.name == "lamb" and stage > 0:
         problems.append(f"optimizer.name=lamb with ZeRO stage {stage}: ZeRO flattens parameters, which breaks LAMB's "
                         "per-layer trust ratio; use optimizer.name=adamw or a stage-0 config")

@@ -31,15 +31,17 @@ class StopFlags:
     def _handle(self, signum, frame):  # async-signal context: set the flag, nothing else
         self.received = signal.Signals(signum).name
 
-    def agree(self, device) -> bool:
-        """True on every rank when any rank was signalled (one all-reduce of two numbers). Afterwards
-        `requeue` says whether the job should go back in the queue: SIGUSR1 (time limit, preemption) yes;
-        SIGTERM (scancel: the user wants it gone) no."""
+    def agree(self, device, nonfinite: torch.Tensor | None = None) -> tuple[bool, bool]:
+        """(stop, nonfinite): whether any rank was signalled, and whether any rank saw a non-finite loss this step
+        (one all-reduce of three numbers). Afterwards `requeue` says whether the job should go back in the queue:
+        SIGUSR1 (time limit, preemption) yes; SIGTERM (scancel: the user wants it gone) no."""
         t = torch.tensor([1.0 if self.received == "SIGUSR1" else 0.0,
-                          1.0 if self.received and self.received != "SIGUSR1" else 0.0], device=device)
-        usr1, other = all_reduce_sum(t).tolist()  # host sync: once per step, the cost of stopping on time
+                          1.0 if self.received and self.received != "SIGUSR1" else 0.0, 0.0], device=device)
+        if nonfinite is not None:
+            t[2] = nonfinite.to(t.dtype)
+        usr1, other, bad = all_reduce_sum(t).tolist()  # host sync: once per step, the cost of acting together
         self.requeue = usr1 > 0 and other == 0
-        return usr1 + other > 0
+        return usr1 + other > 0, bad > 0
 
     def restore(self) -> None:
         for s, h in self._previous.items():
@@ -68,3 +70,13 @@ def report_rank_failure(rank: int, exc: BaseException) -> None:
     traceback; the launcher then stops the other ranks."""
     print(f"[pretrain] rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     traceback.print_exc(file=sys.stderr)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A non-finite loss under train.nonfinite=stop, or one DeepSpeed did not skip."""
+
+
+def inject_nan(step: int, micro: int, rank: int) -> bool:
+    """Fault injection for tests: DISTIL_INJECT_NAN=<step>:<rank> makes that rank's first micro-batch of that
+    (1-based) step produce a NaN loss."""
+    return micro == 0 and os.environ.get("DISTIL_INJECT_NAN") == f"{step}:{rank}"

@@ -18,7 +18,7 @@ from pipeline.training.config import ConfigError, RunConfig, plan_batch
 from pipeline.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from pipeline.training.ds_config import finalize_ds_config, offloads_optimizer, precision, zero_stage
 from pipeline.training.evaluate import evaluate
-from pipeline.training.faults import StopFlags, requeue_slurm_job
+from pipeline.training.faults import NonFiniteLoss, StopFlags, inject_nan, requeue_slurm_job
 from pipeline.training.metrics import MetricWriter
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.step import Counters, forward_losses
@@ -249,7 +249,9 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
     last_saved = step if resume_from else -1
     try:
         while step < stop_at:
-            for _ in range(plan.accumulation):
+            skipped_before = engine.skipped_steps
+            nonfinite = torch.zeros((), dtype=torch.bool, device=dist.device)
+            for micro in range(plan.accumulation):
                 t0 = time.time()
                 batch = next(batches)
                 data_wait += time.time() - t0
@@ -259,10 +261,27 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                 batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()
                          if k in ("input_ids", "attention_mask", "labels")}
                 terms, stats = forward_losses(engine, teacher, batch, cfg.loss)
+                if inject_nan(step + 1, micro, dist.rank):
+                    terms.total = terms.total * float("nan")
+                nonfinite |= ~torch.isfinite(terms.total.detach())
                 engine.backward(terms.total)
                 engine.step()
                 counters.add(terms, stats)
             step += 1
+            stop_now, bad = stop_flags.agree(dist.device, nonfinite)
+            if bad:
+                skipped = engine.skipped_steps > skipped_before
+                where = f"non-finite loss at step {step}"
+                if not skipped:
+                    raise NonFiniteLoss(f"{where}, and DeepSpeed applied the update (this config has no overflow "
+                                        f"check): the weights may be corrupt. Resume from the last complete "
+                                        f"checkpoint with a ZeRO config or a lower optimizer.lr")
+                if cfg.train.nonfinite == "stop":
+                    save(step)  # DeepSpeed dropped the update: these are the last good weights
+                    raise NonFiniteLoss(f"{where}: stopped (train.nonfinite=stop) with a checkpoint of the last good "
+                                        f"weights at step {step}; inspect the data around sample "
+                                        f"{(step - 1) * plan.global_size} or lower optimizer.lr, then resume")
+                log(f"{where}: DeepSpeed skipped the update ({engine.skipped_steps} skipped so far)")
             if bar is not None:
                 bar.update(1)
             if step % cfg.logging.every_steps == 0 or step == stop_at:
@@ -288,6 +307,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                     "throughput/step_time_s": dt / max(n_steps, 1e-9),
                     "throughput/data_wait_frac": data_wait / dt,
                     "train/samples": step * plan.global_size,
+                    "train/skipped_steps": engine.skipped_steps,
                     **_memory(dist.device),
                 }
                 writer.write(step, values)
@@ -310,7 +330,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step != stop_at:
                 save(step)
                 last_saved = step
-            if step < stop_at and stop_flags.agree(dist.device):
+            if step < stop_at and stop_now:
                 log(f"stop requested ({stop_flags.received or 'signal on another rank'}) at step {step}: "
                     f"checkpointing and exiting")
                 preempted = True

@@ -44,8 +44,9 @@ def test_distilbert_base_is_the_paper_recipe():
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)
 def test_shipped_ds_configs_finalize(path):
-    cfg = load_config("distilbert_base", REQUIRED)
     raw = load_ds_config(path)
+    stage0_no_skip = zero_stage(raw) == 0 and precision(raw) != "fp16"
+    cfg = load_config("distilbert_base", REQUIRED + (["train.nonfinite=stop"] if stage0_no_skip else []))
     on_gpu = True
     ds = finalize_ds_config(raw, cfg, plan_batch(cfg, 8), on_gpu=on_gpu, source=path)
     assert ds["train_batch_size"] == 4096 and ds["gradient_accumulation_steps"] == 32
@@ -160,3 +161,14 @@ def test_help_config_lists_every_key_with_doc():
     lines = describe_fields()
     assert any(line.strip().startswith("loss.temperature = 2.0  # softmax temperature") for line in lines)
     assert all("#" in line for line in lines)
+
+
+def test_skip_policy_needs_an_optimizer_that_skips():
+    cfg = load_config("distilbert_base", REQUIRED)
+    assert cfg.train.nonfinite == "skip"
+    with pytest.raises(ConfigError, match="train.nonfinite=skip needs DeepSpeed to skip"):
+        finalize_ds_config(load_ds_config(os.path.join(DS_CONFIG_DIR, "zero0_fp32.json")), cfg, plan_batch(cfg, 8),
+                           on_gpu=True, source="x")
+    with pytest.raises(ConfigError, match="check_grad_overflow=false"):
+        finalize_ds_config({"bf16": {"enabled": True, "check_grad_overflow": False}, "zero_optimization": {"stage": 2}},
+                           cfg, plan_batch(cfg, 8), on_gpu=True, source="x")

@@ -125,6 +125,8 @@ def test_killed_rank_stops_the_job_quickly_and_restart_resumes(tmp_path, tiny_te
     elapsed = time.time() - t_kill
     assert proc.returncode != 0
     assert elapsed < 60, f"the job took {elapsed:.0f} s to stop after a rank died"
+    # the launcher names the dead rank and the cause (killed by signal 9)
+    assert "--local_rank=1" in out and "exits with return code = -9" in out, out[-3000:]
     for p in psutil.process_iter(["cmdline"]):  # no orphaned rank left behind
         cmd = p.info["cmdline"] or []
         assert not (any(str(run) in c for c in cmd) and any(c.endswith("pretrain.py") for c in cmd)), cmd
@@ -147,3 +149,27 @@ def test_checkpoint_failing_halfway_leaves_resume_on_the_previous_one(tmp_path, 
     res = pretrain(run, tiny_teacher, sample_data, *args)
     assert f"resumed from {run / 'checkpoints' / 'step00000002'}: step 2" in res.stdout
     assert os.path.exists(run / "checkpoints" / "step00000006" / "complete.json")
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_loss_on_one_rank_is_handled_together(tmp_path, tiny_teacher, sample_data, policy):
+    run = tmp_path / policy
+    args = ["train.max_steps=5", "eval.n_samples=0", "checkpoint.every_steps=0", "checkpoint.export_hf=false",
+            f"train.nonfinite={policy}"]
+    env = {**os.environ, "DISTIL_INJECT_NAN": "3:1"}  # rank 1's loss is NaN in step 3
+    proc = pretrain(run, tiny_teacher, sample_data, *args, check=False, env=env)
+    out = proc.stdout + proc.stderr
+    if policy == "skip":
+        assert proc.returncode == 0, out[-3000:]
+        assert "non-finite loss at step 3: DeepSpeed skipped the update (1 skipped so far)" in out
+        rows = metrics(run)
+        assert rows[2]["train/skipped_steps"] == 0 and rows[5]["train/skipped_steps"] == 1
+        assert rows[2]["train/lr"] == rows[3]["train/lr"]  # the schedule did not advance on the skipped step
+        final = _params(run, 5)
+    else:
+        assert proc.returncode == 1, out[-3000:]
+        assert "non-finite loss at step 3: stopped (train.nonfinite=stop)" in out
+        assert "rank 0 failed" in out and "rank 1 failed" in out  # every rank stops, together
+        final = _params(run, 3)
+        assert not os.path.exists(run / "checkpoints" / "step00000004")
+    assert all(torch.isfinite(v).all() for v in final.values())
