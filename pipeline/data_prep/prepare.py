@@ -13,10 +13,12 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -187,6 +189,8 @@ class _Worker:
         self.clean_cfg = CleanConfig(max_doc_chars=st["max_doc_chars"], max_junk_fraction=st["max_junk_fraction"])
         self.valid_threshold = int(st["valid_fraction"] * 2 ** 64)
         self.split_key = hashlib.sha256(st["split_seed"].encode()).digest()[:16]
+        # Keyed blake2b hashes the key as a first block; copying a hash that has done so is a third cheaper.
+        self._split_hash = hashlib.blake2b(digest_size=8, key=self.split_key)
         self.verify = verify
         self.messages = messages  # queue to the main process, or a callable when running inline
 
@@ -197,8 +201,9 @@ class _Worker:
             self.messages.put((kind, payload))
 
     def is_valid(self, text: str) -> bool:
-        h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=self.split_key).digest()
-        return int.from_bytes(h, "little") < self.valid_threshold
+        h = self._split_hash.copy()  # = blake2b(text, digest_size=8, key=split_key)
+        h.update(text.encode("utf-8", "surrogatepass"))
+        return int.from_bytes(h.digest(), "little") < self.valid_threshold
 
     def run(self, unit: dict) -> dict:
         paths = fmt.unit_paths(unit["id"])
@@ -325,19 +330,45 @@ class _Worker:
 
 
 _WORKER: _Worker | None = None
+_MESSAGES = None  # a pool worker's queue to the main process
 
 
-def _init_worker(out, plan, tokenizer_spec, verify, messages) -> None:
+def _init_worker(messages) -> None:
+    """Pool initializer. The pool starts before the main process has loaded the tokenizer, so workers get
+    what they need from a context file named in each task (see `prepare`). That is also why nothing here can
+    fail: an initializer that raises makes multiprocessing.Pool replace the process, forever (a hang)."""
+    global _MESSAGES
+    _MESSAGES = messages
+
+
+class _WorkerSetupError(RuntimeError):
+    """A pool worker could not build its tokenizer: every unit would fail the same way."""
+
+
+def _worker(context_path: str | None) -> _Worker:
+    """This process's _Worker, built on its first unit from the context file written by `prepare`."""
     global _WORKER
-    tok = worker_tokenizer(tokenizer_spec, threads=False)
-    if tokenizer_spec[0] == "load" and tok.info().fingerprint != plan["tokenizer"]["fingerprint"]:
-        raise PrepareError(f"tokenizer {tokenizer_spec[1]} loaded differently in a worker process")
-    _WORKER = _Worker(out, plan, tok, verify=verify, messages=messages)
+    if _WORKER is None:
+        try:
+            with open(context_path, "rb") as f:
+                out, plan, tokenizer_spec, verify = pickle.load(f)
+            tok = worker_tokenizer(tokenizer_spec, threads=False)
+            if tokenizer_spec[0] == "load" and tok.info().fingerprint != plan["tokenizer"]["fingerprint"]:
+                raise PrepareError(f"tokenizer {tokenizer_spec[1]} loaded differently in a worker process")
+        except Exception as e:
+            raise _WorkerSetupError(f"{type(e).__name__}: {e}") from None
+        _WORKER = _Worker(out, plan, tok, verify=verify, messages=_MESSAGES)
+        _WORKER.send("ready", os.getpid())
+    return _WORKER
 
 
-def _run_unit(unit: dict):
+def _run_unit(task: tuple):
+    """(unit, context file or None inline) -> (unit id, record or None, error or None)."""
+    unit, context_path = task
     try:
-        return unit["id"], _WORKER.run(unit), None
+        return unit["id"], _worker(context_path).run(unit), None
+    except _WorkerSetupError as e:
+        return unit["id"], None, e
     except (BadFileError, OSError, PrepareError) as e:
         return unit["id"], None, f"{type(e).__name__}: {e}"
     except Exception as e:  # report, don't kill the pool: other units keep going and are resumable
@@ -378,6 +409,16 @@ class _Progress:
                                 "bad_records.jsonl", file=sys.stderr)
 
 
+def _plan_task(cfg: PrepareConfig, tok: TextTokenizer, out: str) -> tuple[dict, list]:
+    """The plan (written to OUT/plan.json, or checked against the one there) and this task's units."""
+    plan = make_plan(cfg, tok)
+    ensure_plan(out, plan, cfg.overwrite)
+    units = [u for u in plan["units"] if u["id"] % cfg.array_count == cfg.array_task]
+    log.info("planned %d units (%s MiB each) from %d input(s); this task runs %d of them on %d worker(s)",
+             len(plan["units"]), plan["settings"]["unit_bytes"] >> 20, len(plan["sources"]), len(units), cfg.workers)
+    return plan, units
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Run this task's part of the preparation; returns the manifest (single task) or a task summary."""
     problems = cfg.problems()
@@ -385,49 +426,77 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise PrepareError("invalid settings:\n  - " + "\n  - ".join(problems))
     t0 = time.perf_counter()
     out = os.path.abspath(cfg.output)
-    tok = load_tokenizer(cfg.tokenizer, threads=cfg.workers == 1)
-    plan = make_plan(cfg, tok)
-    ensure_plan(out, plan, cfg.overwrite)
-    units = [u for u in plan["units"] if u["id"] % cfg.array_count == cfg.array_task]
-    log.info("planned %d units (%s MiB each) from %d input(s); this task runs %d of them on %d worker(s)",
-             len(plan["units"]), plan["settings"]["unit_bytes"] >> 20, len(plan["sources"]), len(units), cfg.workers)
-
-    progress = _Progress(len(units), cfg.progress)
     records, failures = {}, {}
     if cfg.workers == 1:
         global _WORKER
+        tok = load_tokenizer(cfg.tokenizer, threads=True)
+        plan, units = _plan_task(cfg, tok, out)
+        progress = _Progress(len(units), cfg.progress)
         _WORKER = _Worker(out, plan, tok, verify=cfg.verify_existing, messages=progress.message)
         for u in units:
-            uid, rec, err = _run_unit(u)
+            uid, rec, err = _run_unit((u, None))
             (failures.__setitem__(uid, err) if err else records.__setitem__(uid, rec))
             progress.bar.update(1)
     else:
         ctx = mp.get_context("spawn")  # fork after the tokenizer's threads started can deadlock
         messages = ctx.Queue()
-        with ctx.Pool(cfg.workers, initializer=_init_worker,
-                      initargs=(out, plan, tok.worker_spec(), cfg.verify_existing, messages)) as pool:
-            # biggest units first: the tail of the run is then made of small units (better balance)
-            order = sorted(units, key=lambda u: -u["est_bytes"])
-            pending = pool.imap_unordered(_run_unit, order)
-            done = 0
-            while done < len(units):
-                try:
-                    uid, rec, err = pending.next(timeout=0.2)
-                    (failures.__setitem__(uid, err) if err else records.__setitem__(uid, rec))
-                    done += 1
-                    progress.bar.update(1)
-                except mp.TimeoutError:
-                    pass
+        # The pool starts first: its interpreters start and import while this process loads the tokenizer
+        # (about 1 s, transformers' import) and plans. Their tokenizer and plan come from a context file
+        # that each task names: written once, where a task carrying the serialised tokenizer (0.5 MB for BERT)
+        # would send it again for every unit. It is deleted once every worker that can get a unit has read
+        # it, so a run killed with SIGKILL later than that leaves nothing behind in the temp folder.
+        context_fd, context_path = tempfile.mkstemp(prefix="prepare-worker-", suffix=".pkl")
+        ready: set = set()
+
+        def message(kind, payload) -> None:
+            nonlocal context_path
+            if kind != "ready":
+                progress.message(kind, payload)
+                return
+            ready.add(payload)
+            if context_path and len(ready) >= min(cfg.workers, len(units)):
+                os.unlink(context_path)
+                context_path = None
+
+        try:
+            with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(messages,)) as pool:
+                tok = load_tokenizer(cfg.tokenizer, threads=False)
+                plan, units = _plan_task(cfg, tok, out)
+                with os.fdopen(context_fd, "wb") as f:
+                    context_fd = None
+                    pickle.dump((out, plan, tok.worker_spec(), cfg.verify_existing), f,
+                                protocol=pickle.HIGHEST_PROTOCOL)
+                progress = _Progress(len(units), cfg.progress)
+                # biggest units first: the tail of the run is then made of small units (better balance)
+                order = sorted(units, key=lambda u: -u["est_bytes"])
+                pending = pool.imap_unordered(_run_unit, [(u, context_path) for u in order])
+                done = 0
+                while done < len(units):
+                    try:
+                        uid, rec, err = pending.next(timeout=0.2)
+                        if isinstance(err, _WorkerSetupError):  # leaving the `with` terminates the pool
+                            raise PrepareError(f"a worker process could not build the tokenizer {cfg.tokenizer!r} "
+                                               f"({err}); completed units are kept, re-run to resume") from None
+                        (failures.__setitem__(uid, err) if err else records.__setitem__(uid, rec))
+                        done += 1
+                        progress.bar.update(1)
+                    except mp.TimeoutError:
+                        pass
+                    while True:
+                        try:
+                            message(*messages.get_nowait())
+                        except queue_mod.Empty:
+                            break
                 while True:
                     try:
-                        progress.message(*messages.get_nowait())
+                        message(*messages.get(timeout=0.05))
                     except queue_mod.Empty:
                         break
-            while True:
-                try:
-                    progress.message(*messages.get(timeout=0.05))
-                except queue_mod.Empty:
-                    break
+        finally:
+            if context_fd is not None:
+                os.close(context_fd)
+            if context_path:
+                os.unlink(context_path)
     progress.bar.close()
     wall = time.perf_counter() - t0
     if failures:

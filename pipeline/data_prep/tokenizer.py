@@ -107,7 +107,8 @@ class TextTokenizer:
     def worker_spec(self) -> tuple:
         """What a worker process needs to rebuild this tokenizer's encoder (see `worker_tokenizer`)."""
         if self.kind == "huggingface" and self._backend is not None:
-            return ("backend", self._backend.to_str(), self.vocab_size, self.name_or_path)
+            return ("backend", self._backend.to_str(), self.vocab_size, self.name_or_path,
+                    self.encode_batch(_PROBES))
         return ("load", self.name_or_path)
 
     # -- identity ---------------------------------------------------------------------------------------
@@ -156,11 +157,15 @@ class TextTokenizer:
 class BackendEncoder:
     """The encode half of a fast Hugging Face TextTokenizer, rebuilt from its serialised Rust tokenizer.
     Data-prep workers use it: importing transformers in every worker costs seconds of start-up per
-    process, which on a short run is a large share of the wall time."""
+    process, which on a short run is a large share of the wall time.
+
+    `probe_ids` are the driver's ids for the fingerprint's probe strings: the rebuilt tokenizer must produce
+    the same ones, else it raises TokenizerLoadError (a tokenizers version that serialises or loads
+    differently must not write shards with other ids than the fingerprint in the manifest vouches for)."""
 
     kind = "huggingface"
 
-    def __init__(self, backend_json: str, vocab_size: int, name_or_path: str):
+    def __init__(self, backend_json: str, vocab_size: int, name_or_path: str, probe_ids: list | None = None):
         from tokenizers import Tokenizer
 
         self._backend = Tokenizer.from_str(backend_json)
@@ -169,6 +174,14 @@ class BackendEncoder:
         self.name_or_path = name_or_path
         enc = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
         self.encode_batch = lambda texts: [e.ids for e in enc(list(texts), add_special_tokens=False)]
+        if probe_ids is not None:
+            got = self.encode_batch(_PROBES)
+            if got != [list(p) for p in probe_ids]:
+                bad = next(i for i, (a, b) in enumerate(zip(got, probe_ids)) if a != list(b))
+                raise TokenizerLoadError(
+                    f"tokenizer {name_or_path}: rebuilt in a worker process, it encodes probe {_PROBES[bad]!r} as "
+                    f"{got[bad]} instead of the main process's {list(probe_ids[bad])}; run with --workers 1, or "
+                    f"check that every process uses the same tokenizers version")
 
 
 def worker_tokenizer(spec: tuple, threads: bool):
@@ -179,6 +192,58 @@ def worker_tokenizer(spec: tuple, threads: bool):
     if spec[0] == "backend":
         return BackendEncoder(*spec[1:])
     return load_tokenizer(spec[1], threads=threads)
+
+
+# tokenizer_config.json classes that `load_tokenizer` builds without AutoTokenizer, and where each lives in
+# transformers 5. For these, AutoTokenizer.from_pretrained(folder) ends in `<class>.from_pretrained(folder)`
+# (the class named in tokenizer_config.json, "Fast" dropped; PreTrainedTokenizerFast is TokenizersBackend),
+# so calling that directly builds the same tokenizer. What it saves is the import of AutoTokenizer, which
+# imports torch through transformers' configuration code: 2.5-3 s, plus about 0.5 s at interpreter exit.
+_DIRECT_CLASSES = {
+    "BertTokenizer": ("transformers.models.bert.tokenization_bert", "BertTokenizer"),
+    "BertTokenizerFast": ("transformers.models.bert.tokenization_bert", "BertTokenizer"),
+    "DistilBertTokenizer": ("transformers.models.distilbert.tokenization_distilbert", "DistilBertTokenizer"),
+    "DistilBertTokenizerFast": ("transformers.models.distilbert.tokenization_distilbert", "DistilBertTokenizer"),
+    "PreTrainedTokenizerFast": ("transformers.tokenization_utils_tokenizers", "TokenizersBackend"),
+    "TokenizersBackend": ("transformers.tokenization_utils_tokenizers", "TokenizersBackend"),
+}
+# config.json model types for which AutoTokenizer follows tokenizer_config.json's class (others can override
+# it: see MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS in transformers' tokenization_auto.py).
+_DIRECT_MODEL_TYPES = (None, "", "bert", "distilbert")
+
+
+def _direct_class(folder: str):
+    """The tokenizer class AutoTokenizer would pick for a local folder, imported without AutoTokenizer; None
+    unless the folder is one whose choice is known without running AutoTokenizer's rules: it holds a
+    tokenizer.json, its tokenizer_config.json names one of `_DIRECT_CLASSES`, nothing asks for remote code,
+    and config.json (optional) has a BERT model type. Everything else goes through AutoTokenizer."""
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return None
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+            tconf = json.load(f)
+        conf = {}
+        if os.path.exists(os.path.join(folder, "config.json")):
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                conf = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(tconf, dict) or not isinstance(conf, dict) or "auto_map" in tconf or "auto_map" in conf:
+        return None
+    target = _DIRECT_CLASSES.get(tconf.get("tokenizer_class"))
+    if target is None or conf.get("model_type") not in _DIRECT_MODEL_TYPES:
+        return None
+    import importlib
+
+    try:
+        # transformers 4 has no TokenizersBackend, and its BertTokenizer is the slow one that AutoTokenizer
+        # does not pick: there, and in any version that moved these classes, use AutoTokenizer.
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        cls = getattr(importlib.import_module(target[0]), target[1])
+    except (ImportError, AttributeError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, TokenizersBackend) else None
 
 
 def load_tokenizer(name_or_path: str, threads: bool = True) -> TextTokenizer:
@@ -204,13 +269,15 @@ def load_tokenizer(name_or_path: str, threads: bool = True) -> TextTokenizer:
             ) from None
         return TextTokenizer(os.path.abspath(name_or_path), "sentencepiece", sp, threads=threads)
 
-    from transformers import AutoTokenizer
+    loader = _direct_class(name_or_path) if os.path.isdir(name_or_path) else None
+    if loader is None:
+        from transformers import AutoTokenizer as loader
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = loader.from_pretrained(name_or_path)
     except Exception as e:
         local = os.path.isdir(name_or_path)
         hint = (

@@ -1,0 +1,177 @@
+"""Loading tokenizers without AutoTokenizer (which imports torch): the same tokenizer as AutoTokenizer's,
+for every folder the direct path takes, and AutoTokenizer for every other; workers check that they
+tokenize like the main process, and a worker that cannot build its tokenizer stops the run."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.data_prep import tokenizer as tokmod
+from pipeline.data_prep.tokenizer import _PROBES, BackendEncoder, TokenizerLoadError, load_tokenizer
+from tests.conftest import ROOT
+
+TEXTS = ["Hello, World! naïve CAFÉ", "日本語 emoji 🙂 [MASK] don't", "unbelievably  spaced\ttext\n"]
+
+
+def auto_tokenizer(folder: str, monkeypatch):
+    """load_tokenizer as it was: through AutoTokenizer."""
+    with monkeypatch.context() as m:
+        m.setattr(tokmod, "_direct_class", lambda folder: None)
+        return load_tokenizer(folder)
+
+
+def assert_same_tokenizer(a, b) -> None:
+    assert type(a._hf) is type(b._hf)
+    assert a.info().to_json() == b.info().to_json()
+    assert a.vocab_size == b.vocab_size and a.dtype == b.dtype
+    assert a.vocab() == b.vocab() and a.special_ids() == b.special_ids()
+    assert a.encode_batch(TEXTS) == b.encode_batch(TEXTS)
+    ids = a.encode(TEXTS[0] + " " + TEXTS[1])
+    assert a.decode(ids) == b.decode(ids)
+    assert a.worker_spec() == b.worker_spec()
+
+
+def edit_json(path, **changes) -> None:
+    with open(path) as f:
+        obj = json.load(f)
+    for k, v in changes.items():
+        if v is None:
+            obj.pop(k, None)
+        else:
+            obj[k] = v
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def test_real_wordpiece_folder_loads_directly_and_equals_autotokenizer(wordpiece_dir, monkeypatch):
+    assert tokmod._direct_class(wordpiece_dir).__name__ == "BertTokenizer"
+    assert_same_tokenizer(load_tokenizer(wordpiece_dir), auto_tokenizer(wordpiece_dir, monkeypatch))
+
+
+@pytest.mark.parametrize("variant", [
+    "BertTokenizerFast", "DistilBertTokenizer", "DistilBertTokenizerFast", "PreTrainedTokenizerFast",
+    "TokenizersBackend", "no config.json", "distilbert config", "tokenizer.json not lowercasing",
+    "config not lowercasing",
+])
+def test_direct_load_equals_autotokenizer(tmp_path, wordpiece_dir, monkeypatch, variant):
+    """Every kind of folder the direct path accepts, including ones whose files disagree (the BERT classes
+    take lowercasing from tokenizer_config.json, TokenizersBackend from tokenizer.json): same tokenizer."""
+    d = tmp_path / "tok"
+    shutil.copytree(wordpiece_dir, d, ignore=shutil.ignore_patterns("*.safetensors", "1_Pooling"))
+    if variant.endswith(("Fast", "Tokenizer", "Backend")):
+        edit_json(d / "tokenizer_config.json", tokenizer_class=variant)
+    elif variant == "no config.json":
+        os.unlink(d / "config.json")
+    elif variant == "distilbert config":
+        edit_json(d / "config.json", model_type="distilbert")
+        edit_json(d / "tokenizer_config.json", tokenizer_class="DistilBertTokenizerFast")
+    elif variant == "tokenizer.json not lowercasing":
+        with open(d / "tokenizer.json") as f:
+            spec = json.load(f)
+        spec["normalizer"]["lowercase"] = False
+        with open(d / "tokenizer.json", "w") as f:
+            json.dump(spec, f)
+    else:
+        edit_json(d / "tokenizer_config.json", do_lower_case=False)
+    assert tokmod._direct_class(str(d)) is not None
+    direct, auto = load_tokenizer(str(d)), auto_tokenizer(str(d), monkeypatch)
+    assert_same_tokenizer(direct, auto)
+    if "lowercas" in variant:  # the variant is really another tokenizer for at least one of the two classes
+        plain = load_tokenizer(wordpiece_dir)
+        edited = {"tokenizer.json not lowercasing": False, "config not lowercasing": True}[variant]
+        assert (direct.encode("Hello") != plain.encode("Hello")) == edited
+
+
+@pytest.mark.parametrize("change", ["roberta config", "auto_map", "no tokenizer_class", "other class",
+                                    "no tokenizer.json", "broken tokenizer_config.json"])
+def test_other_folders_go_through_autotokenizer(tmp_path, wordpiece_dir, change):
+    d = tmp_path / "tok"
+    shutil.copytree(wordpiece_dir, d, ignore=shutil.ignore_patterns("*.safetensors", "1_Pooling"))
+    if change == "roberta config":
+        edit_json(d / "config.json", model_type="roberta")
+    elif change == "auto_map":
+        edit_json(d / "tokenizer_config.json", auto_map={"AutoTokenizer": ["x.XTokenizer", None]})
+    elif change == "no tokenizer_class":
+        edit_json(d / "tokenizer_config.json", tokenizer_class=None)
+    elif change == "other class":
+        edit_json(d / "tokenizer_config.json", tokenizer_class="RobertaTokenizer")
+    elif change == "no tokenizer.json":
+        os.unlink(d / "tokenizer.json")
+    else:
+        (d / "tokenizer_config.json").write_text("{not json")
+    assert tokmod._direct_class(str(d)) is None
+
+
+def test_transformers_without_tokenizers_backend_goes_through_autotokenizer(wordpiece_dir, monkeypatch):
+    """transformers 4 (allowed by pyproject) has no TokenizersBackend, and its BertTokenizer is the slow
+    class that AutoTokenizer does not pick there."""
+    monkeypatch.setitem(sys.modules, "transformers.tokenization_utils_tokenizers", None)  # import -> ImportError
+    assert tokmod._direct_class(wordpiece_dir) is None
+
+
+def test_prepare_imports_no_torch(tmp_path, wordpiece_dir, sample_texts):
+    """The whole command, main process and both workers (spawned children inherit -X importtime)."""
+    src = tmp_path / "in.txt"
+    src.write_text("\n\n".join(sample_texts[:40]) + "\n", encoding="utf-8")
+    tmp = tmp_path / "tmp"  # the workers' context file goes to the temp folder and must be gone at the end
+    tmp.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "launch" / "prepare_data.py"), "--input", str(src),
+         "--tokenizer", wordpiece_dir, "--output", str(tmp_path / "out"), "--workers", "2", "--unit-mb", "0.02",
+         "--no-progress"], capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.listdir(tmp) == []
+    imported = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert imported.count("pipeline.data_prep.tokenizer") == 3  # the main process and two workers
+    assert "torch" not in imported and "transformers.models.auto" not in imported
+
+
+def test_worker_rebuilt_tokenizer_must_encode_the_probes_alike(wordpiece_dir):
+    spec = load_tokenizer(wordpiece_dir).worker_spec()
+    assert spec[0] == "backend" and len(spec[4]) == len(_PROBES)
+    BackendEncoder(*spec[1:])
+    wrong = [list(p) for p in spec[4]]
+    wrong[2][0] += 1
+    with pytest.raises(TokenizerLoadError, match=re.escape(repr(_PROBES[2]))):
+        BackendEncoder(*spec[1:4], wrong)
+
+
+def test_worker_that_cannot_build_its_tokenizer_stops_the_run(tmp_path, wordpiece_dir, sample_texts):
+    """A pool initializer that raises would be restarted by multiprocessing.Pool forever (a hang): the
+    workers build the tokenizer on their first unit instead and the driver stops on the first failure."""
+    src = tmp_path / "in.txt"
+    src.write_text("\n\n".join(sample_texts[:40]) + "\n", encoding="utf-8")
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from pipeline.data_prep.prepare import PrepareConfig, PrepareError, prepare
+from pipeline.data_prep.tokenizer import TextTokenizer
+
+real = TextTokenizer.worker_spec
+def worker_spec(self):  # the workers get probe ids that their tokenizer does not produce
+    spec = real(self)
+    return spec[:4] + ([[1, 2, 3]] * len(spec[4]),)
+TextTokenizer.worker_spec = worker_spec
+try:
+    prepare(PrepareConfig(inputs=[{str(src)!r}], output={str(tmp_path / 'out')!r}, tokenizer={wordpiece_dir!r},
+                          workers=2, unit_mb=0.02, progress=False))
+except PrepareError as e:
+    print("PrepareError:", e)
+    sys.exit(3)
+"""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "TMPDIR": str(tmp)})
+    assert proc.returncode == 3, proc.stdout + proc.stderr[-3000:]
+    assert os.listdir(tmp) == []
+    assert "a worker process could not build the tokenizer" in proc.stdout
+    assert "TokenizerLoadError" in proc.stdout and "instead of the main process's" in proc.stdout
+    units = tmp_path / "out" / "units"
+    assert not units.exists() or not os.listdir(units)  # no unit was written with the wrong tokenizer
