@@ -22,21 +22,9 @@ import sys
 import tempfile
 import time
 
-import psutil
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def ranks_of(launcher: psutil.Process) -> list[psutil.Process]:
-    out = []
-    for c in launcher.children(recursive=True):
-        try:
-            cmd, parent = c.cmdline(), c.parent().cmdline()
-        except psutil.Error:
-            continue
-        if any(a.startswith("--local_rank=") for a in cmd) and not any(a.startswith("--local_rank=") for a in parent):
-            out.append(c)
-    return out
+sys.path.insert(0, ROOT)
+from pipeline.training.faults import rank_processes  # noqa: E402
 
 
 def main() -> int:
@@ -70,7 +58,7 @@ def main() -> int:
         time.sleep(0.05)
     step_times = [r["throughput/step_time_s"] for r in rows[1:]] or [rows[-1]["throughput/step_time_s"]]
     t0 = time.time()
-    for r in ranks_of(psutil.Process(proc.pid)):
+    for r in rank_processes(proc.pid).values():
         r.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate()
     lead = time.time() - t0

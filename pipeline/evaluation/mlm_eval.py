@@ -31,11 +31,12 @@ def evaluate_models(models: list[str], *, data: str, split: str = "valid", teach
     names = ([teacher] if teacher and teacher not in models else []) + list(models)
     ref = None
     if teacher:
-        ds.check_tokenizer(load_tokenizer(teacher))
+        ds.check_tokenizer(load_tokenizer(teacher))  # before loading any weights
         ref = load_teacher(teacher, device=device)
     rows = []
     for name in names:
-        ds.check_tokenizer(load_tokenizer(name))  # ids must mean the same words for every model
+        if name != teacher:  # ids must mean the same words for every model (the teacher was checked above)
+            ds.check_tokenizer(load_tokenizer(name))
         model = ref if name == teacher else load_teacher(name, device=device)
         with_ref = ref is not None and name != teacher
         cfg = LossConfig(kd=1.0 if with_ref else 0.0, mlm=1.0, cos=0.0, mse=0.0, kd_tokens="masked")

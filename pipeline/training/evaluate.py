@@ -19,7 +19,7 @@ def evaluate(engine, teacher, batches, loss_cfg, device) -> dict:
     try:
         for batch in batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            terms, stats = forward_losses(engine, teacher, batch, loss_cfg)
+            terms, stats = forward_losses(engine, teacher, batch, loss_cfg, eval_stats=True)
             counters.add(terms, stats)
     finally:
         engine.train(was_training)

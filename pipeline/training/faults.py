@@ -13,6 +13,7 @@ import subprocess
 import sys
 import traceback
 
+import psutil
 import torch
 
 from pipeline.training.distributed import all_reduce_sum
@@ -80,3 +81,19 @@ def inject_nan(step: int, micro: int, rank: int) -> bool:
     """Fault injection for tests: DISTIL_INJECT_NAN=<step>:<rank> makes that rank's first micro-batch of that
     (1-based) step produce a NaN loss."""
     return micro == 0 and os.environ.get("DISTIL_INJECT_NAN") == f"{step}:{rank}"
+
+
+def rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:
+    """The training processes under a `deepspeed`/launch.py launcher, by local rank: the processes whose command line
+    has `--local_rank=N` and whose parent's does not (DataLoader workers are forked children with the same command
+    line). For delivering signals to the ranks themselves: the launcher dies on SIGUSR1."""
+    found = {}
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            cmd, parent = child.cmdline(), child.parent().cmdline()
+        except (psutil.Error, AttributeError):
+            continue
+        ranks = [c.split("=", 1)[1] for c in cmd if c.startswith("--local_rank=")]
+        if ranks and not any(c.startswith("--local_rank=") for c in parent):
+            found[int(ranks[0])] = child
+    return found

@@ -33,7 +33,9 @@ def teacher_outputs(teacher, input_ids, attention_mask, rows):
     return hidden, teacher.logits(teacher.transform(hidden))
 
 
-def forward_losses(engine, teacher, batch: dict, loss_cfg) -> tuple[LossTerms, dict]:
+def forward_losses(engine, teacher, batch: dict, loss_cfg, eval_stats: bool = False) -> tuple[LossTerms, dict]:
+    """Losses of one micro-batch and its on-device counters. `eval_stats` adds the per-token CE sums of student and
+    teacher, which only held-out evaluation reports (training logs the loss terms themselves)."""
     with_teacher = teacher is not None
     rows = rows_for(batch, loss_cfg, with_teacher)
     am = batch["attention_mask"]
@@ -47,17 +49,18 @@ def forward_losses(engine, teacher, batch: dict, loss_cfg) -> tuple[LossTerms, d
                               teacher_logits=t_logits, weights=loss_cfg, temperature=loss_cfg.temperature)
     with torch.no_grad():
         masked = labels != -100
-        s_pred = s_logits[masked].argmax(-1)
         gold = labels[masked]
+        s_masked = s_logits[masked]
+        s_pred = s_masked.argmax(-1)
         stats = {"tokens": am.sum(), "masked": masked.sum(), "student_correct": (s_pred == gold).sum()}
-        if gold.numel():
-            stats["student_mlm"] = torch.nn.functional.cross_entropy(s_logits[masked].float(), gold, reduction="sum")
+        if eval_stats and gold.numel():
+            stats["student_mlm"] = torch.nn.functional.cross_entropy(s_masked.float(), gold, reduction="sum")
         if with_teacher:
             t_masked = t_logits[masked]
             t_pred = t_masked.argmax(-1)
             stats["teacher_correct"] = (t_pred == gold).sum()
             stats["agree"] = (t_pred == s_pred).sum()
-            if gold.numel():
+            if eval_stats and gold.numel():
                 stats["teacher_mlm"] = torch.nn.functional.cross_entropy(t_masked.float(), gold, reduction="sum")
     return terms, stats
 

@@ -48,7 +48,7 @@ def _tokenizer_path(cfg: RunConfig, data_tokenizer: str) -> str:
 
 def build_data(cfg: RunConfig, dist: DistInfo, tokenizer, plan, log):
     from pipeline.data import PreparedDataset
-    from pipeline.data.loader import EvalBatches, TrainStream
+    from pipeline.data.loader import EvalBatches
     from pipeline.data.masking import Masker, word_starts
     from pipeline.data.sequences import SequenceDataset
 
@@ -171,7 +171,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
             torch.cuda.empty_cache()
     if teacher is not None and cfg.loss.cos > 0 and teacher.hf.config.hidden_size != student.hf.config.hidden_size:
         raise ConfigError("recipe", ["loss.cos > 0 needs equal teacher and student hidden sizes; set loss.cos=0"])
-    if seqs.__len__() < plan.global_size:
+    if len(seqs) < plan.global_size:
         raise ConfigError(cfg.data.path, [f"{len(seqs)} training sequences of {cfg.data.seq_len} tokens is fewer "
                                           f"than one global batch ({plan.global_size}); lower batch.global_size"])
     total_steps = total_steps_for(cfg, len(seqs), plan.global_size)

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
 
-import pytest
 
 from pipeline.data.prepared import PreparedDataset
 from tests.conftest import ROOT, write_text_docs
 
-SCRIPTS = [ROOT / "slurm" / "prepare_data.sbatch", ROOT / "slurm" / "submit_prepare.sh"]
 
 # Runs the submitted script in the foreground: every task of --array=A-B in turn with SLURM_ARRAY_* set,
 # as SLURM would; prints a job id like `sbatch --parsable`; logs its arguments.
@@ -43,15 +40,6 @@ else
 fi
 echo "$n"
 """
-
-
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_scripts_parse_and_lint(script):
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (.ci/run installs it)")
-    proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout
 
 
 def test_submit_prepare_runs_array_then_join(tmp_path, sample_texts, wordpiece_dir):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import stat
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.training.checkpoint import complete_checkpoints
 from tests.conftest import ROOT
 from tests.training import conftest as training_fixtures
 from tests.training.conftest import FAST
@@ -24,7 +24,6 @@ from tests.training.conftest import FAST
 tiny_teacher = training_fixtures.tiny_teacher
 sample_data = training_fixtures.sample_data
 
-SCRIPTS = [ROOT / "slurm" / "pretrain.sbatch", ROOT / "slurm" / "submit_all.sh"]
 
 # srun on one node: drop the options and exec the command with what srun sets for task 0 (exec keeps the pid,
 # so a signal to "srun" reaches the task, as srun's forwarding does).
@@ -82,16 +81,7 @@ def _overrides(teacher, data, *extra):
 
 
 def _complete(run_dir: Path) -> list[Path]:
-    return sorted(p.parent for p in (run_dir / "checkpoints").glob("step*/complete.json"))
-
-
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_scripts_parse_and_lint(script):
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (.ci/run installs it)")
-    proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout
+    return [Path(p) for p in complete_checkpoints(str(run_dir / "checkpoints"))]
 
 
 @pytest.mark.integration

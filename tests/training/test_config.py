@@ -1,6 +1,5 @@
 """Recipes and DeepSpeed configs: every shipped one validates; bad ones fail with every problem and its key."""
 import glob
-import json
 import os
 
 import pytest

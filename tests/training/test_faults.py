@@ -17,6 +17,7 @@ import psutil
 import pytest
 import torch
 
+from pipeline.training.faults import rank_processes
 from tests.training.conftest import FAST, ROOT, free_port, metrics, pretrain
 
 pytestmark = pytest.mark.integration
@@ -53,24 +54,7 @@ def _start(run_dir, teacher, data, extra_env=None, *overrides):
 
 
 def _ranks(proc) -> dict[int, psutil.Process]:
-    """The training processes (rank -> process) under the launcher."""
-    found = {}
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            cmd = child.cmdline()
-        except psutil.Error:
-            continue
-        try:
-            parent_cmd = child.parent().cmdline()
-        except (psutil.Error, AttributeError):
-            parent_cmd = []
-        # a rank, not one of its DataLoader workers (forked children with the same command line)
-        if any(c.startswith("--local_rank=") for c in cmd) and not any(c.startswith("--local_rank=")
-                                                                       for c in parent_cmd):
-            for c in cmd:
-                if c.startswith("--local_rank="):
-                    found[int(c.split("=")[1])] = child
-    return found
+    return rank_processes(proc.pid)
 
 
 def _wait_for_step(run_dir, step, proc, timeout=240):
