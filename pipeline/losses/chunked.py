@@ -140,7 +140,9 @@ class _ChunkedKD(torch.autograd.Function):
             a, b = ctx.weights
             # The saved gradient is that of a*kd + b*mlm: right only when the caller's grad_outputs keep that
             # ratio (any common factor, e.g. loss scaling or 1/accumulation, is fine). Checked without a sync.
-            torch._assert_async((g_kd * b - g_mlm * a).abs() <= 1e-4 * ((g_kd * b).abs() + (g_mlm * a).abs()) + 1e-30,
+            # A non-finite grad_output passes: it makes the gradients non-finite, which the overflow check handles.
+            ratio_kept = (g_kd * b - g_mlm * a).abs() <= 1e-4 * ((g_kd * b).abs() + (g_mlm * a).abs()) + 1e-30
+            torch._assert_async(ratio_kept | ~torch.isfinite(g_kd * b - g_mlm * a),
                                 "chunked_kd_loss(mlm_weight=...) saved the gradient of kd_weight*kd + mlm_weight*mlm; "
                                 "backward must see grad_outputs in that ratio (use those weights in the total loss)")
             scales = [(g_kd * a + g_mlm * b) / (a * a + b * b)]

@@ -149,13 +149,31 @@ class MaskedLM(nn.Module):
         return self._decoder(transformed)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                positions: Tensor | None = None, head=None):
         """Returns (hidden [B, L, H], logits). `positions` limits the logits to some tokens: a bool mask
         [B, L] (or flat [B*L]) or a flat index tensor into the B*L tokens; logits are then [n, V] in
         row-major token order, so MLM-only training does not pay for full-vocabulary logits everywhere.
-        Without `positions`, logits are [B, L, V]."""
+        Without `positions`, logits are [B, L, V].
+
+        `head(transformed, decoder_weight, decoder_bias)`, if given, replaces the decoder: it gets the MLM
+        transform's output on `positions` and the decoder's parameters (a chunked loss builds the logits itself)
+        and forward returns (hidden, head's result). It runs inside this forward, so under ZeRO-3 the decoder's
+        parameters are gathered when they are registered as this module's external parameters
+        (`register_decoder_for_zero3`)."""
         hidden = self.encode(input_ids, attention_mask)
-        return hidden, self.logits(self.transform(select_positions(hidden, positions)))
+        transformed = self.transform(select_positions(hidden, positions))
+        if head is not None:
+            return hidden, head(transformed, self.decoder_weight, self.decoder_bias)
+        return hidden, self.logits(transformed)
+
+    def register_decoder_for_zero3(self) -> None:
+        """Let ZeRO-3 gather the decoder weight (the tied word embeddings) and bias for this module's whole forward,
+        which a `head` reads directly (outside the decoder's own forward and its hooks)."""
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for p in (self.decoder_weight, self.decoder_bias):
+            if p is not None:
+                register_external_parameter(self, p)
 
 
 def select_positions(hidden: Tensor, positions: Tensor | None) -> Tensor:

@@ -90,6 +90,9 @@ class LossConfig:
     mse: float = doc("weight of the MSE between logits (0 = off)", 0.0)
     temperature: float = doc("softmax temperature T of the KD term", 2.0)
     kd_tokens: str = doc("tokens the KD, MSE and cosine terms cover: all (every non-pad token) or masked", "all")
+    chunk_size: int = doc("rows of logits the fused KD + MLM loss builds at a time (teacher and student, through "
+                          "the decoder, gradients per chunk): memory O(chunk x vocab) instead of O(rows x vocab); "
+                          "0 = the plain loss on full logits (needed for loss.mse)", 4096)
 
     @property
     def needs_teacher(self) -> bool:
@@ -330,6 +333,9 @@ def validate(cfg: RunConfig, source: str = "recipe") -> None:
     need(l.kd + l.mlm + l.cos + l.mse > 0, "loss: every weight is 0; set loss.mlm (teacher-free) or loss.kd")
     need(l.temperature > 0, "loss.temperature: must be > 0")
     need(l.kd_tokens in ("all", "masked"), f"loss.kd_tokens: all or masked, got {l.kd_tokens!r}")
+    need(isinstance(l.chunk_size, int) and l.chunk_size >= 0, f"loss.chunk_size: an integer >= 0, got {l.chunk_size!r}")
+    need(not (l.mse > 0 and l.chunk_size), "loss.mse > 0 needs the full logits, which the chunked loss never holds: "
+                                           "set loss.chunk_size=0 (or loss.mse=0)")
     if l.needs_teacher:
         need(cfg.teacher.name_or_path, "loss.kd/cos/mse > 0 need a teacher: set teacher.name_or_path, or set "
                                        "loss.kd=0 loss.cos=0 loss.mse=0 for teacher-free MLM pretraining")

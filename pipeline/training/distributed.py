@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import datetime
+import glob
 import os
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +46,18 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     backend = accel.communication_backend_name()
     if accel.device_name() == "cpu":
         backend = "gloo"  # ccl is not installed on plain CPU machines; gloo always is
+    if accel.device_name() == "cpu" and os.environ.get("LOCAL_RANK", "0") == "0":
+        lock = stale_build_lock()
+        if lock:
+            print(f"[pretrain] warning: {lock} is {(time.time() - os.path.getmtime(lock)) / 60:.0f} minutes old. A "
+                  f"DeepSpeed op build that died leaves this lock behind, and every later build (the CPU all-reduce "
+                  f"op is built at start-up) waits for it forever. If no build is running, delete it: rm {lock}",
+                  file=sys.stderr, flush=True)
     timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("DISTIL_DIST_TIMEOUT_S", 1800)))
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if accel.device_name() == "cpu":
+        release_cpu_shm_segment(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     if accel.device_name() == "cuda":
         accel.set_device(local_rank)
@@ -53,6 +65,41 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local_rank, device)
+
+
+def stale_build_lock(op: str = "deepspeed_shm_comm", max_age_s: float = 900.0) -> str | None:
+    """The path of `op`'s torch-extensions build lock when it is older than `max_age_s` (a build takes ~1 min)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    for lock in glob.glob(os.path.join(root, "*", op, "lock")):
+        try:
+            if time.time() - os.path.getmtime(lock) > max_age_s:
+                return lock
+        except OSError:  # removed meanwhile: the build finished
+            pass
+    return None
+
+
+SHM_SEGMENT = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def release_cpu_shm_segment(rank: int) -> str | None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment once every rank has mapped it.
+
+    On the CPU accelerator, DeepSpeed's shared-memory all-reduce gives each rank a ~66 MiB POSIX segment named after
+    MASTER_ADDR, MASTER_PORT and the rank, and never unlinks it: every run leaves them in /dev/shm (RAM) for good,
+    gigabytes after a few dozen runs, and a later run on the same port may map a stale one. The mappings stay valid
+    after the unlink (the memory goes when the last process exits, even one killed with SIGKILL). Returns the path
+    removed, or None when there was none (another DeepSpeed version, or the op not built)."""
+    barrier()  # every rank has opened every peer's segment inside init_distributed
+    path = SHM_SEGMENT.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                              port=os.environ.get("MASTER_PORT", ""), rank=rank)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    return path
 
 
 def barrier() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.losses.distill import LossTerms, distillation_loss
+from pipeline.losses.chunked import chunked_kd_loss
+from pipeline.losses.distill import LossTerms, cosine_loss, distillation_loss
 
 # Order of the on-device counters summed over micro-steps and ranks between two log lines.
 COUNTERS = ("micro_steps", "loss", "kd", "mlm", "cos", "mse", "tokens", "masked", "student_correct",
@@ -33,11 +34,19 @@ def teacher_outputs(teacher, input_ids, attention_mask, rows):
     return hidden, teacher.logits(teacher.transform(hidden))
 
 
+def uses_chunked_loss(loss_cfg, with_teacher: bool) -> bool:
+    """The fused chunked loss serves KD (+ MLM) against a teacher; a teacher-free run only builds logits for the
+    masked rows anyway, and the MSE term needs full logits (refused by the config with a chunk size)."""
+    return with_teacher and loss_cfg.chunk_size > 0 and loss_cfg.kd > 0 and loss_cfg.mse == 0
+
+
 def forward_losses(engine, teacher, batch: dict, loss_cfg, eval_stats: bool = False) -> tuple[LossTerms, dict]:
     """Losses of one micro-batch and its on-device counters. `eval_stats` adds the per-token CE sums of student and
     teacher, which only held-out evaluation reports (training logs the loss terms themselves)."""
     with_teacher = teacher is not None
     rows = rows_for(batch, loss_cfg, with_teacher)
+    if uses_chunked_loss(loss_cfg, with_teacher):
+        return _chunked_forward_losses(engine, teacher, batch, rows, loss_cfg, eval_stats)
     am = batch["attention_mask"]
     s_hidden, s_logits = engine(batch["input_ids"], am, rows)
     s_rows = s_hidden[rows]
@@ -62,6 +71,40 @@ def forward_losses(engine, teacher, batch: dict, loss_cfg, eval_stats: bool = Fa
             stats["agree"] = (t_pred == s_pred).sum()
             if eval_stats and gold.numel():
                 stats["teacher_mlm"] = torch.nn.functional.cross_entropy(t_masked.float(), gold, reduction="sum")
+    return terms, stats
+
+
+def _chunked_forward_losses(engine, teacher, batch, rows, loss_cfg, eval_stats):
+    """The same losses and counters through `chunked_kd_loss`: neither model's [rows, V] logits ever exist whole.
+
+    The teacher runs its encoder and MLM transform on the covered rows only; the student's transformed rows go
+    through the chunked KD + MLM loss inside the engine's forward (MaskedLM's `head`), which reads the decoder
+    weight and bias there (gathered under ZeRO-3 as external parameters). One pair of decoder products per chunk:
+    the gradient built is that of kd_weight * kd + mlm_weight * mlm, the same weights as the total loss below."""
+    am = batch["attention_mask"]
+    labels = batch["labels"][rows]
+    with torch.no_grad():
+        with torch.inference_mode():
+            t_hidden = teacher.encode(batch["input_ids"], am)[rows]
+        t_hidden = t_hidden.clone()
+        t_transformed = teacher.transform(t_hidden)
+
+    def head(s_transformed, weight, bias):
+        return chunked_kd_loss(s_transformed, t_transformed, weight, bias, teacher.decoder_weight,
+                               teacher.decoder_bias, loss_cfg.temperature, labels, loss_cfg.chunk_size,
+                               kd_weight=loss_cfg.kd, mlm_weight=loss_cfg.mlm)
+
+    s_hidden, (kd, mlm, cstats) = engine(batch["input_ids"], am, rows, head=head)
+    terms = LossTerms(total=loss_cfg.kd * kd, kd=kd)  # fp32 (fp64 for an fp64 model)
+    if loss_cfg.mlm > 0:
+        terms.mlm = mlm
+        terms.total = terms.total + loss_cfg.mlm * terms.mlm
+    if loss_cfg.cos > 0:
+        terms.cos = cosine_loss(s_hidden[rows], t_hidden)
+        terms.total = terms.total + loss_cfg.cos * terms.cos
+    stats = {"tokens": am.sum(), **{k: cstats[k] for k in ("masked", "student_correct", "teacher_correct", "agree")}}
+    if eval_stats and int(cstats["masked"]):
+        stats["student_mlm"], stats["teacher_mlm"] = cstats["student_mlm"], cstats["teacher_mlm"]
     return terms, stats
 
 

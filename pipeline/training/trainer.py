@@ -21,7 +21,7 @@ from pipeline.training.evaluate import evaluate
 from pipeline.training.faults import NonFiniteLoss, StopFlags, inject_nan, requeue_slurm_job
 from pipeline.training.metrics import MetricWriter
 from pipeline.training.optim import build_optimizer, build_scheduler
-from pipeline.training.step import Counters, forward_losses
+from pipeline.training.step import Counters, forward_losses, uses_chunked_loss
 
 
 class Log:
@@ -192,6 +192,8 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                        "command": command or sys.argv}, f, indent=1)
     barrier()
 
+    if stage == 3 and uses_chunked_loss(cfg.loss, teacher is not None):
+        student.register_decoder_for_zero3()  # the chunked loss reads the decoder inside the student's forward
     optimizer = build_optimizer(student, cfg.optimizer, on_gpu=dist.on_gpu, offload=offloads_optimizer(ds))
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds)

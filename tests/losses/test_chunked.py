@@ -103,6 +103,16 @@ def test_fused_refuses_a_backward_in_another_ratio():
         kd.backward()
 
 
+def test_fused_passes_a_non_finite_loss_on_as_non_finite_gradients():
+    """A NaN total (a bad batch, or the trainer's fault injection) must reach the optimizer's overflow check as NaN
+    gradients, not stop the process in the ratio check."""
+    ts, labels = _case()
+    xs, xt, ws, bs, wt, bt = _leaves(ts)
+    kd, mlm, _ = chunked_kd_loss(xs, xt, ws, bs, wt, bt, 2.0, labels, 8, kd_weight=5.0, mlm_weight=2.0)
+    ((5 * kd + 2 * mlm) * float("nan")).backward()
+    assert torch.isnan(xs.grad).all() and torch.isnan(ws.grad).all() and torch.isnan(bs.grad).all()
+
+
 def test_plain_losses_agree_in_fp32():
     """Against distill.py itself (fp32 inside), on fp32 inputs."""
     ts, labels = _case(torch.float32)

@@ -124,6 +124,43 @@ ZERO3_SCRIPT = textwrap.dedent("""
             assert not torch.equal(student.decoder_weight, reference.decoder_weight)
             assert student.decoder_weight is student.word_embeddings.weight
         engine.destroy()
+
+    # The chunked loss reads the decoder weight and bias inside the student's forward (a `head`): registered as
+    # external parameters, ZeRO-3 gathers them there, and one step equals a plain-loss step of a twin engine.
+    from pipeline.losses.chunked import chunked_kd_loss
+    from pipeline.losses.distill import kd_loss, mlm_loss
+    student = build_student(teacher=teacher, arch="distilbert", n_layers=2, dropout=0.0, attention_dropout=0.0)
+    twin = copy.deepcopy(student)
+    before = copy.deepcopy(student)
+    student.register_decoder_for_zero3()
+    # no reuse or prefetch: a parameter is released after each use, as in a big model
+    strict = {**config, "zero_optimization": {**config["zero_optimization"], "stage3_max_reuse_distance": 0,
+                                              "stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 0}}
+    engines = [deepspeed.initialize(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.5), config=strict)[0]
+               for m in (student, twin)]
+    ids, mask = batch()
+    rows = mask.bool()
+    labels = torch.full((int(rows.sum()),), -100)
+    labels[::3] = ids[rows][::3]
+    with torch.no_grad():
+        t_transformed = teacher.transform(teacher.encode(ids, mask)[rows])
+    def head(x, w, b):
+        return chunked_kd_loss(x, t_transformed, w, b, teacher.decoder_weight, teacher.decoder_bias, 2.0, labels, 4,
+                               kd_weight=5.0, mlm_weight=2.0)
+    for _ in range(3):  # from the second step on, ZeRO-3 releases parameters by its recorded trace
+        _, (kd, mlm, _) = engines[0](ids, mask, rows, head=head)
+        _, logits = engines[1](ids, mask, rows)
+        ref_kd, ref_mlm = kd_loss(logits, teacher.logits(t_transformed), 2.0), mlm_loss(logits, labels)
+        torch.testing.assert_close((kd, mlm), (ref_kd, ref_mlm), rtol=1e-5, atol=1e-6)
+        for engine, loss in zip(engines, (5 * kd + 2 * mlm, 5 * ref_kd + 2 * ref_mlm)):
+            engine.backward(loss)
+            engine.step()
+    with deepspeed.zero.GatheredParameters(list(student.parameters()) + list(twin.parameters())):
+        for (name, p), q, p0 in zip(student.named_parameters(), twin.parameters(), before.parameters()):
+            assert not torch.equal(p, p0) or name.endswith("k_lin.bias"), f"{name} not updated"
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for engine in engines:
+        engine.destroy()
     print("ZERO3 OK")
 """)
 

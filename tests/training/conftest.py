@@ -2,6 +2,7 @@
 the embedded English sample, and a runner for `deepspeed launch/pretrain.py` with real CPU ranks on gloo."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -63,15 +64,23 @@ def pretrain(run_dir, teacher, data, *overrides, ranks=2, ds="zero2_fp32.json", 
             f"teacher.name_or_path={teacher}", f"data.path={data}", f"run_dir={run_dir}", *FAST, *overrides]
     if resume:
         args += ["--resume", resume]
+    port = free_port()
     if launcher == "deepspeed":
         cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), str(ROOT / "launch" / "pretrain.py"), *args]
+               "--master_port", str(port), str(ROOT / "launch" / "pretrain.py"), *args]
     elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-               str(free_port()), str(ROOT / "launch" / "pretrain.py"), *args]
+               str(port), str(ROOT / "launch" / "pretrain.py"), *args]
     else:
         cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
+    # DeepSpeed's CPU all-reduce segments (66 MiB per rank, in RAM; made under the deepspeed launcher, which sets
+    # LOCAL_SIZE) must not outlive the run: see
+    # pipeline/training/distributed.py release_cpu_shm_segment
+    leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+    for path in leaked:
+        os.unlink(path)
+    assert launcher == "python" or not leaked, f"the run left {leaked} in /dev/shm"
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain exited {proc.returncode}\n{' '.join(cmd)}\nstdout:\n{proc.stdout[-6000:]}\n"
                              f"stderr:\n{proc.stderr[-6000:]}")
