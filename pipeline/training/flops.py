@@ -109,3 +109,24 @@ def mfu(flops_per_step: float, step_time_s: float, peak_flops: float) -> float:
     if step_time_s <= 0 or peak_flops <= 0:
         raise ValueError(f"need step_time_s > 0 and peak_flops > 0, got {step_time_s}, {peak_flops}")
     return flops_per_step / step_time_s / peak_flops
+
+
+def model_shape(hf_config) -> ModelShape:
+    """The FLOP-relevant sizes of a Hugging Face BERT / DistilBERT / RoBERTa config."""
+    c = hf_config
+    return ModelShape(n_layers=getattr(c, "num_hidden_layers", None) or c.n_layers,
+                      hidden=getattr(c, "hidden_size", None) or c.dim,
+                      ffn=getattr(c, "intermediate_size", None) or c.hidden_dim, vocab=c.vocab_size)
+
+
+def peak_flops_for(device_name: str, precision: str) -> float | None:
+    """Datasheet peak of one device from its name (torch.cuda.get_device_name) and the run's precision (bf16,
+    fp16 or fp32, which runs on TF32 tensor cores), or None when unknown (then no MFU is logged)."""
+    name = device_name.upper()
+    kind = "bf16" if precision in ("bf16", "fp16") else "tf32"
+    for chip in ("H200", "H100", "A100"):
+        if chip in name:
+            return PEAK_FLOPS.get(f"{chip}-{kind}") or (PEAK_FLOPS[f"H100-{kind}"] if chip == "H200" else None)
+    if "V100" in name and precision == "fp16":
+        return PEAK_FLOPS["V100-fp16"]
+    return None

@@ -18,6 +18,7 @@ from pipeline.training.config import ConfigError, RunConfig, plan_batch
 from pipeline.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from pipeline.training.ds_config import finalize_ds_config, offloads_optimizer, precision, zero_stage
 from pipeline.training.evaluate import evaluate
+from pipeline.training.flops import model_shape, peak_flops_for, step_flops
 from pipeline.training.faults import NonFiniteLoss, StopFlags, inject_nan, requeue_slurm_job
 from pipeline.training.metrics import MetricWriter
 from pipeline.training.optim import build_optimizer, build_scheduler
@@ -219,6 +220,12 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
     writer = MetricWriter(run_dir if dist.is_main else None, tensorboard=cfg.logging.tensorboard)
     sample_log = open(os.path.join(run_dir, f"samples.rank{dist.rank}.jsonl"), "a") if cfg.logging.sample_ids else None
 
+    # FLOPs of the model's work per real token (flops.py), for TensorBoard's TFLOP/s and MFU (on a known GPU)
+    flops_per_token = step_flops(model_shape(teacher.hf.config) if teacher is not None else None,
+                                 model_shape(student.hf.config), cfg.data.seq_len, 1,
+                                 kd_rows_fraction=1.0 if cfg.loss.kd_tokens == "all" else cfg.masking.probability,
+                                 mlm_rows_fraction=cfg.masking.probability)["per_token"]
+    peak = peak_flops_for(torch.cuda.get_device_name(dist.device), prec) if dist.on_gpu else None
     stop_at = min(total_steps, cfg.train.stop_at_step or total_steps)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())  # ZeRO-3 partitions them
     log(f"world {dist.world_size} x micro {plan.micro_size} x accumulation {plan.accumulation} = global "
@@ -305,6 +312,8 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                     "train/teacher_mlm_acc": c["teacher_correct"] / masked if teacher is not None else None,
                     "train/agreement": c["agree"] / masked if teacher is not None else None,
                     "throughput/tokens_per_s": c["tokens"] / dt,
+                    "throughput/model_tflops_per_s": flops_per_token * c["tokens"] / dt / 1e12,
+                    "throughput/mfu": flops_per_token * c["tokens"] / dt / (peak * dist.world_size) if peak else None,
                     "throughput/samples_per_s": n_steps * plan.global_size / dt,
                     "throughput/step_time_s": dt / max(n_steps, 1e-9),
                     "throughput/data_wait_frac": data_wait / dt,

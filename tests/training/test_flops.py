@@ -68,3 +68,22 @@ def test_mfu_arithmetic():
     assert got == pytest.approx(0.088014, rel=1e-4)
     assert mfu(790e12, 1.0, PEAK_FLOPS["H100-bf16"]) == pytest.approx(790 / 989)
     assert H100_MEASURED_BF16 < PEAK_FLOPS["H100-bf16"]
+
+
+def test_model_shape_reads_bert_and_distilbert_configs():
+    from transformers import BertConfig, DistilBertConfig
+
+    from pipeline.training.flops import model_shape
+
+    assert model_shape(BertConfig()) == ModelShape(12, 768, 3072, 30522)
+    assert model_shape(DistilBertConfig(n_layers=6, dim=768, hidden_dim=3072)) == ModelShape(6, 768, 3072, 30522)
+
+
+def test_peak_flops_by_device_name_and_precision():
+    from pipeline.training.flops import peak_flops_for
+
+    assert peak_flops_for("NVIDIA H100 80GB HBM3", "bf16") == PEAK_FLOPS["H100-bf16"]
+    assert peak_flops_for("NVIDIA H200", "bf16") == PEAK_FLOPS["H200-bf16"]
+    assert peak_flops_for("NVIDIA A100-SXM4-80GB", "fp32") == PEAK_FLOPS["A100-tf32"]
+    assert peak_flops_for("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 tensor cores: no MFU rather than a wrong one
+    assert peak_flops_for("some other GPU", "bf16") is None
