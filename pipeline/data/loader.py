@@ -99,6 +99,12 @@ class _Collate:
     def __call__(self, items):
         positions = np.array([g for g, _, _ in items], np.int64)
         batch = self.masker.mask_batch(np.stack([s for _, _, s in items]), positions)
+        # One document per sample: cut the columns that are padding in every row (masks and labels of the real tokens
+        # are unchanged: they are keyed by position). Packed batches have none.
+        width = int(batch["attention_mask"].sum(1).max())
+        if width < batch["attention_mask"].shape[1]:
+            for k in ("input_ids", "attention_mask", "labels"):
+                batch[k] = batch[k][:, :width].contiguous()
         batch["positions"] = torch.from_numpy(positions)
         batch["sample_ids"] = torch.tensor([i for _, i, _ in items], dtype=torch.int64)
         return batch

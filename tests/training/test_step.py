@@ -85,3 +85,26 @@ def test_config_refuses_mse_with_a_chunk_size():
     cfg = load_config("tiny_cpu", ["teacher.name_or_path=t", "data.path=d", "run_dir=r", "loss.mse=1.0",
                                    "loss.chunk_size=0"])
     assert cfg.loss.chunk_size == 0
+
+
+def test_a_padded_batch_gives_the_losses_of_its_documents_run_without_padding(models):
+    """Padding with an attention mask (one document per sample) computes what each document computes alone with no
+    mask (the pad-free path): every loss term is a mean over the same rows."""
+    teacher, student = models
+    b = micro_batch(padded=True)
+    cfg = LossConfig(kd=5.0, mlm=2.0, cos=1.0, kd_tokens="all", chunk_size=5)
+    terms, _ = forward_losses(student, teacher, b, cfg)
+    kd_sum = cos_sum = mlm_sum = 0.0
+    rows = b["attention_mask"].sum().item()
+    masked = (b["labels"] != -100).sum().item()
+    for i in range(b["input_ids"].shape[0]):
+        n = int(b["attention_mask"][i].sum())
+        one = {k: b[k][i:i + 1, :n] for k in ("input_ids", "attention_mask", "labels")}
+        t, _ = forward_losses(student, teacher, one, cfg)
+        kd_sum += t.kd.item() * n
+        cos_sum += t.cos.item() * n
+        mlm_sum += t.mlm.item() * (one["labels"] != -100).sum().item()
+    assert b["attention_mask"].eq(0).sum() > 0
+    assert terms.kd.item() == pytest.approx(kd_sum / rows, rel=1e-9)  # chunked: fp64 here
+    assert terms.cos.item() == pytest.approx(cos_sum / rows, rel=1e-6)  # computed in fp32
+    assert terms.mlm.item() == pytest.approx(mlm_sum / masked, rel=1e-9)
