@@ -156,6 +156,7 @@ class _ChunkedKD(torch.autograd.Function):
         return gx, None, gw, gb, None, None, None, None, None, None, None, None, None
 
 
+@torch.compiler.disable  # eager under a compiled student: a Python loop over chunks with a side-channel stats dict
 def chunked_kd_loss(student_transformed: Tensor, teacher_transformed: Tensor,
                     student_weight: Tensor, student_bias: Optional[Tensor],
                     teacher_weight: Tensor, teacher_bias: Optional[Tensor],

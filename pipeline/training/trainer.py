@@ -193,6 +193,8 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                        "command": command or sys.argv}, f, indent=1)
     barrier()
 
+    if s.activation_checkpointing:
+        student.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if stage == 3 and uses_chunked_loss(cfg.loss, teacher is not None):
         student.register_decoder_for_zero3()  # the chunked loss reads the decoder inside the student's forward
     optimizer = build_optimizer(student, cfg.optimizer, on_gpu=dist.on_gpu, offload=offloads_optimizer(ds))
@@ -200,6 +202,10 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     if teacher is not None and dist.on_gpu:
         teacher.to(dist.device)
+    if cfg.train.compile:
+        engine.compile()
+        if teacher is not None:
+            teacher.hf.get_submodule(teacher.family.encoder).compile()
 
     step, consumed = 0, 0
     if resume_from:

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
-from tests.training.conftest import ROOT, pretrain
+import pytest
+
+from tests.training.conftest import ROOT, metrics, pretrain
 
 
 def _run(*args):
@@ -54,3 +56,17 @@ def test_teacher_without_mlm_head_is_refused(tmp_path, sample_data, wordpiece_di
                     check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "MLM head" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_the_eager_run(tmp_path, tiny_teacher, sample_data):
+    """train.compile=true (engine.compile for the student, the teacher's encoder compiled in place): the same losses
+    as eager to float tolerance. Slow on CPU (compilation), so not in the default run."""
+    args = ["train.max_steps=2", "student.dropout=0.0", "student.attention_dropout=0.0", "eval.n_samples=0",
+            "checkpoint.every_steps=0", "checkpoint.export_hf=false"]
+    pretrain(tmp_path / "eager", tiny_teacher, sample_data, *args, ranks=None, launcher="python")
+    pretrain(tmp_path / "compiled", tiny_teacher, sample_data, *args, "train.compile=true", ranks=None,
+             launcher="python", timeout=900)
+    eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    for step in (1, 2):
+        assert compiled[step]["loss/total"] == pytest.approx(eager[step]["loss/total"], rel=1e-4)

@@ -108,3 +108,17 @@ def test_a_padded_batch_gives_the_losses_of_its_documents_run_without_padding(mo
     assert terms.kd.item() == pytest.approx(kd_sum / rows, rel=1e-9)  # chunked: fp64 here
     assert terms.cos.item() == pytest.approx(cos_sum / rows, rel=1e-6)  # computed in fp32
     assert terms.mlm.item() == pytest.approx(mlm_sum / masked, rel=1e-9)
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients(models):
+    teacher, student = models
+    b = micro_batch(padded=True)
+    cfg = LossConfig(kd=5.0, mlm=2.0, cos=1.0, chunk_size=5)
+    ckpt = copy.deepcopy(student)
+    ckpt.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert ckpt.hf.is_gradient_checkpointing
+    p_terms, _, p_grads = run(student, teacher, b, cfg)
+    c_terms, _, c_grads = run(ckpt, teacher, b, cfg)
+    assert c_terms.total.item() == p_terms.total.item()
+    for n in p_grads:
+        torch.testing.assert_close(c_grads[n], p_grads[n], rtol=1e-12, atol=1e-14, msg=n)
