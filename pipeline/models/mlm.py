@@ -166,6 +166,14 @@ class MaskedLM(nn.Module):
             return hidden, head(transformed, self.decoder_weight, self.decoder_bias)
         return hidden, self.logits(transformed)
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each layer's activations in the backward pass (non-reentrant torch.utils.checkpoint)."""
+        hf = self.hf
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def register_decoder_for_zero3(self) -> None:
         """Let ZeRO-3 gather the decoder weight (the tied word embeddings) and bias for this module's whole forward,
         which a `head` reads directly (outside the decoder's own forward and its hooks)."""

@@ -194,7 +194,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
     barrier()
 
     if s.activation_checkpointing:
-        student.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.enable_activation_checkpointing()
     if stage == 3 and uses_chunked_loss(cfg.loss, teacher is not None):
         student.register_decoder_for_zero3()  # the chunked loss reads the decoder inside the student's forward
     optimizer = build_optimizer(student, cfg.optimizer, on_gpu=dist.on_gpu, offload=offloads_optimizer(ds))

@@ -147,11 +147,12 @@ def test_resume_on_one_rank_continues_the_same_stream_zero3(tmp_path, tiny_teach
         assert mb[step]["loss/total"] == pytest.approx(ma[step]["loss/total"], rel=1e-4)
 
 
-def test_document_mode_trains_on_trimmed_padded_batches(tmp_path, tiny_teacher, sample_data):
-    """One document per sample: padded batches (cut to their longest document) through the chunked loss, 2 ranks."""
+def test_document_mode_with_activation_checkpointing(tmp_path, tiny_teacher, sample_data):
+    """One document per sample: padded batches (cut to their longest document) through the chunked loss, 2 ranks,
+    the student's activations recomputed in backward."""
     run = tmp_path / "doc"
     pretrain(run, tiny_teacher, sample_data, "train.max_steps=2", "data.mode=document", "checkpoint.every_steps=0",
-             "checkpoint.export_hf=false")
+             "checkpoint.export_hf=false", "student.activation_checkpointing=true")
     rows = metrics(run)
     assert sorted(rows) == [1, 2]
     for r in rows.values():
