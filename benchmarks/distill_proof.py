@@ -434,7 +434,9 @@ def paired_mlm(data: str, paths: dict[str, str], *, seq_len: int = 128, n_sample
     from pipeline.data import PreparedDataset
     from pipeline.evaluation.mlm_eval import eval_batches
     from pipeline.models import load_teacher
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     ds = PreparedDataset(data, "valid", verify="size")
     batches = eval_batches(ds, seq_len=seq_len, mode="packed", n_samples=n_samples, batch_size=batch_size)
     per = {}

@@ -140,7 +140,9 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
     train, seqs, masker, eval_batches = build_data(cfg, dist, tokenizer, plan, log)
 
     teacher = None
-    if cfg.loss.needs_teacher or cfg.student.init == "teacher":
+    # A random-init student with a teacher named (the no-teacher baseline) takes its missing sizes from the teacher
+    if cfg.loss.needs_teacher or cfg.student.init == "teacher" or (cfg.student.init == "random"
+                                                                    and cfg.teacher.name_or_path):
         tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.teacher.dtype) or (
             torch.bfloat16 if dist.on_gpu else torch.float32)
         # Loaded in fp32 so the student copied from it starts from exact weights; cast after the copy.

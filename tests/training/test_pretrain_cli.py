@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,21 @@ def test_teacher_without_mlm_head_is_refused(tmp_path, sample_data, wordpiece_di
                     check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "MLM head" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_teacher_baseline_takes_its_sizes_from_the_named_teacher(tmp_path, tiny_teacher, sample_data):
+    """student.init=random with loss.kd=0 loss.cos=0 and a teacher named (the baseline distillation must beat): the
+    student gets the teacher's sizes, random weights, and trains without the teacher's losses."""
+    import json
+
+    run = tmp_path / "run"
+    proc = pretrain(run, tiny_teacher, sample_data, "train.max_steps=1", "student.init=random", "loss.kd=0",
+                    "loss.cos=0", "eval.n_samples=0", ranks=None, launcher="python")
+    assert "teacher none" in proc.stdout + proc.stderr  # freed after lending its sizes
+    teacher_cfg = json.loads((Path(tiny_teacher) / "config.json").read_text())
+    student_cfg = json.loads((run / "student" / "config.json").read_text())
+    assert student_cfg["dim"] == teacher_cfg["hidden_size"] and student_cfg["n_layers"] == 2
+    assert "loss/kd" not in metrics(run)[1] and metrics(run)[1]["loss/mlm"] > 0
 
 
 @pytest.mark.slow
