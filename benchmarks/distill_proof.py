@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 r"""Does distillation help? One command for the whole experiment (issue 6), small scale, on CPU.
 
-    python benchmarks/distill_proof.py                       # everything, ~30-40 min on 2 CPU cores
+    python benchmarks/distill_proof.py                       # everything: 27 min on 2 shared CPU cores
     python benchmarks/distill_proof.py --teacher runs/distill_proof/teacher/student   # reuse a teacher
     python benchmarks/distill_proof.py --reuse               # skip every stage whose output is already there
     python benchmarks/distill_proof.py --student-steps 20 --teacher-steps 20 --out /tmp/dp   # a smoke run
+    python benchmarks/distill_proof.py --finetune-seeds 0,1,2 --extra-baseline-steps 300   # docs/distill_proof.md
 
 Stages (each a subprocess running the pipeline's own command line; logs in <out>/logs/):
 
@@ -19,7 +20,8 @@ Stages (each a subprocess running the pipeline's own command line; logs in <out>
      mlm_random         random init, MLM only (loss.kd=0 loss.cos=0): the no-teacher baseline
      mlm_teacher_init   init from the teacher, MLM only (loss.kd=0 loss.cos=0): no KD terms
 4. held-out MLM evaluation (`launch/evaluate.py`): the teacher and the three students on the validation split
-   with fixed masks: loss, perplexity, accuracy on masked tokens, top-1 agreement with the teacher.
+   with fixed masks: loss, perplexity, accuracy on masked tokens, top-1 agreement with the teacher; then a
+   per-token comparison of distilled against each baseline, bootstrapped over the held-out sequences.
 5. downstream classification (`launch/finetune.py`): the teacher and each student fine-tuned the same way
    (same data, epochs, learning rate, batch, seeds) on a 3-class genre task built here from the sample (see
    `build_classify_data`): which part of the Python documentation a paragraph comes from (tutorial / FAQ /
@@ -27,7 +29,7 @@ Stages (each a subprocess running the pipeline's own command line; logs in <out>
    mean over --finetune-seeds, with two reference baselines computed here (majority class is 1/3 by
    construction): the best single-word rule and a bag-of-words naive Bayes.
 
-Output: <out>/ (data, runs, fine-tuned models, logs) and a JSON result (default
+Output: <out>/ (data, runs, fine-tuning reports without the weights, logs) and a JSON result (default
 benchmarks/results/distill_proof.json), plus a table on stdout. Exit status 0 done, 1 a stage failed (its log
 is named), 2 bad arguments.
 """
@@ -224,8 +226,9 @@ def student_overrides(name: str, teacher_cfg: dict) -> list[str]:
     if name == "mlm_teacher_init":
         return ["student.init=teacher", "loss.kd=0", "loss.cos=0"]
     if name == "mlm_random":
-        # The sizes are given explicitly: with loss.kd=0 loss.cos=0 the trainer does not load the teacher, so
-        # init=random cannot take them from it (see docs/distill_proof.md, "Problems found").
+        # The teacher's sizes, given explicitly: the same architecture as the teacher-initialised students
+        # whatever the trainer infers (before commit 0ec3839 it could not take them from the teacher here, with
+        # loss.kd=0 loss.cos=0; docs/distill_proof.md, "Problems found").
         return ["student.init=random", "loss.kd=0", "loss.cos=0",
                 f"student.hidden_size={teacher_cfg['hidden_size']}",
                 f"student.n_heads={teacher_cfg['num_attention_heads']}",
