@@ -529,14 +529,10 @@ def stage_finetune(r: Runner, classify_dir: str, paths: dict[str, str]) -> dict[
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    sys.path.insert(0, ROOT)
+    from pipeline.benchmark.machine import cpu_model
+
+    cpu = cpu_model()
     import torch
     import transformers
 

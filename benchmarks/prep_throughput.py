@@ -380,14 +380,10 @@ def run_datasets(txt, jsonl, tok_dir, workers, tmp_root, log_dir) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    sys.path.insert(0, ROOT)
+    from pipeline.benchmark.machine import cpu_model
+
+    cpu = cpu_model()
     try:
         import psutil
 
@@ -398,7 +394,7 @@ def machine() -> dict:
     import tokenizers
     import transformers
 
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "ram_bytes": ram,
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": ram,
             "python": platform.python_version(), "platform": platform.platform(),
             "tokenizers": tokenizers.__version__, "transformers": transformers.__version__,
             "datasets": datasets.__version__}

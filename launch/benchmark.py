@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +28,7 @@ def default_data() -> str | None:
 
 
 def main(argv=None) -> int:
+    from pipeline.benchmark.machine import cpu_model
     from pipeline.benchmark.step_speed import PRESETS, Job, in_subprocess, median_by
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "machine": platform.processor() or platform.machine(), "command": sys.argv, "summary": summary,
+                   "machine": cpu_model(), "command": sys.argv, "summary": summary,
                    "loss_memory": mem, "loss_memory_ratio": mem_ratio, "runs": results}, f, indent=1)
     print(f"results: {out}")
     return 0

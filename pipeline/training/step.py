@@ -21,17 +21,24 @@ def rows_for(batch: dict, loss_cfg, with_teacher: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_outputs(teacher, input_ids, attention_mask, rows):
-    """The teacher's last hidden states and logits on `rows`, as ordinary tensors.
+def teacher_rows(teacher, input_ids, attention_mask, rows):
+    """The teacher's last hidden states on `rows` and their MLM transform, as ordinary tensors.
 
     The encoder runs under inference mode (no autograd records, the cheapest path); its output rows are cloned out of
-    inference mode (autograd refuses inference tensors in the loss's backward), then the small MLM head runs under
-    no_grad on those rows only: the teacher never materialises logits for tokens the loss ignores.
+    inference mode (autograd refuses inference tensors in the loss's backward), then the small MLM transform runs
+    under no_grad on those rows only: the teacher never works on tokens the loss ignores.
     """
     with torch.inference_mode():
         hidden = teacher.encode(input_ids, attention_mask)[rows]
     hidden = hidden.clone()
-    return hidden, teacher.logits(teacher.transform(hidden))
+    return hidden, teacher.transform(hidden)
+
+
+@torch.no_grad()
+def teacher_outputs(teacher, input_ids, attention_mask, rows):
+    """The teacher's last hidden states and full-vocabulary logits on `rows` (the plain loss's inputs)."""
+    hidden, transformed = teacher_rows(teacher, input_ids, attention_mask, rows)
+    return hidden, teacher.logits(transformed)
 
 
 def uses_chunked_loss(loss_cfg, with_teacher: bool) -> bool:
@@ -83,11 +90,7 @@ def _chunked_forward_losses(engine, teacher, batch, rows, loss_cfg, eval_stats):
     the gradient built is that of kd_weight * kd + mlm_weight * mlm, the same weights as the total loss below."""
     am = batch["attention_mask"]
     labels = batch["labels"][rows]
-    with torch.no_grad():
-        with torch.inference_mode():
-            t_hidden = teacher.encode(batch["input_ids"], am)[rows]
-        t_hidden = t_hidden.clone()
-        t_transformed = teacher.transform(t_hidden)
+    t_hidden, t_transformed = teacher_rows(teacher, batch["input_ids"], am, rows)
 
     def head(s_transformed, weight, bias):
         return chunked_kd_loss(s_transformed, t_transformed, weight, bias, teacher.decoder_weight,
@@ -103,7 +106,7 @@ def _chunked_forward_losses(engine, teacher, batch, rows, loss_cfg, eval_stats):
         terms.cos = cosine_loss(s_hidden[rows], t_hidden)
         terms.total = terms.total + loss_cfg.cos * terms.cos
     stats = {"tokens": am.sum(), **{k: cstats[k] for k in ("masked", "student_correct", "teacher_correct", "agree")}}
-    if eval_stats and int(cstats["masked"]):
+    if eval_stats:
         stats["student_mlm"], stats["teacher_mlm"] = cstats["student_mlm"], cstats["teacher_mlm"]
     return terms, stats
 
