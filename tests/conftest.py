@@ -17,6 +17,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tokenizer_identity_cache(tmp_path_factory):
+    """Data prep caches tokenizer identities (pipeline/data_prep/tokenizer.py): the tests use their own cache,
+    empty at the start, never the user's."""
+    os.environ["PIPELINE_CACHE_DIR"] = str(tmp_path_factory.mktemp("pipeline-cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def wordpiece_dir() -> str:
     """Folder with bert-base-uncased's WordPiece tokenizer (tokenizer.json, vocab.txt)."""

@@ -29,7 +29,7 @@ from . import format as fmt
 from .cleaning import CleanConfig, clean, decode
 from .sources import BadFileError, PieceStats, Source, describe_location, group_units, iter_piece, parse_spec, \
     plan_pieces
-from .tokenizer import TextTokenizer, load_tokenizer, worker_tokenizer
+from .tokenizer import TextTokenizer, load_prep_tokenizer, worker_tokenizer
 
 log = logging.getLogger("pipeline.data_prep")
 
@@ -429,7 +429,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     records, failures = {}, {}
     if cfg.workers == 1:
         global _WORKER
-        tok = load_tokenizer(cfg.tokenizer, threads=True)
+        tok = load_prep_tokenizer(cfg.tokenizer, threads=True)
         plan, units = _plan_task(cfg, tok, out)
         progress = _Progress(len(units), cfg.progress)
         _WORKER = _Worker(out, plan, tok, verify=cfg.verify_existing, messages=progress.message)
@@ -460,7 +460,7 @@ def prepare(cfg: PrepareConfig) -> dict:
 
         try:
             with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(messages,)) as pool:
-                tok = load_tokenizer(cfg.tokenizer, threads=False)
+                tok = load_prep_tokenizer(cfg.tokenizer, threads=False)
                 plan, units = _plan_task(cfg, tok, out)
                 with os.fdopen(context_fd, "wb") as f:
                     context_fd = None

@@ -294,3 +294,97 @@ def load_tokenizer(name_or_path: str, threads: bool = True) -> TextTokenizer:
         hf_logging.set_verbosity(verbosity)
     path = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
     return TextTokenizer(path, "huggingface", tok, threads=threads)
+
+
+# -- identity cache ----------------------------------------------------------------------------------------
+# Loading a Hugging Face tokenizer costs the data-prep driver about 2 s (transformers' import, then the
+# fingerprint's vocabulary walk), while its worker processes, started already, wait for the plan that
+# needs the fingerprint. On 2 cores that was most of the fixed cost of a run. What the driver needs from the
+# tokenizer is small and a pure function of the tokenizer's files and the library versions: the identity
+# (TokenizerInfo) and the serialised Rust tokenizer the workers encode with. So it is cached, keyed by a
+# hash of every file of the folder but weights, and the transformers and tokenizers versions. A hit still
+# encodes the probe strings with the rebuilt tokenizer and checks them against the cached ids.
+
+CACHE_FORMAT = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt", ".gguf")
+
+
+def identity_cache_dir() -> str:
+    """$PIPELINE_CACHE_DIR/tokenizers, else $XDG_CACHE_HOME (default ~/.cache)/distil-pipeline/tokenizers."""
+    root = os.environ.get("PIPELINE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "distil-pipeline")
+    return os.path.join(root, "tokenizers")
+
+
+def _identity_key(folder: str) -> str | None:
+    """Hash of the folder's non-weight files (names and bytes) and the library versions; None when the
+    folder cannot be read or a version is unknown (no caching then)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        versions = [version("transformers"), version("tokenizers")]
+        names = sorted(n for n in os.listdir(folder)
+                       if not n.endswith(_WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(folder, n)))
+        h = hashlib.sha256(json.dumps([CACHE_FORMAT, versions]).encode())
+        for n in names:
+            with open(os.path.join(folder, n), "rb") as f:
+                data = f.read()
+            h.update(f"{n}\0{len(data)}\0".encode())
+            h.update(data)
+    except (OSError, PackageNotFoundError):
+        return None
+    return h.hexdigest()
+
+
+class CachedTokenizer(BackendEncoder):
+    """A fast Hugging Face tokenizer rebuilt from the identity cache: encodes, and knows its identity and
+    worker spec, but cannot decode (data preparation never decodes; `validate` loads the real one)."""
+
+    def __init__(self, entry: dict, name_or_path: str):
+        super().__init__(entry["backend"], entry["vocab_size"], name_or_path, entry["probe_ids"])
+        self._entry = entry
+
+    def info(self) -> TokenizerInfo:
+        i = self._entry["info"]
+        return TokenizerInfo(name_or_path=self.name_or_path, kind="huggingface", vocab_size=i["vocab_size"],
+                             special_ids=i["special_ids"], vocab_fingerprint=i["vocab_fingerprint"],
+                             fingerprint=i["fingerprint"])
+
+    def worker_spec(self) -> tuple:
+        return ("backend", self._entry["backend"], self.vocab_size, self.name_or_path, self._entry["probe_ids"])
+
+
+def load_prep_tokenizer(name_or_path: str, threads: bool = True):
+    """The tokenizer for data preparation: `load_tokenizer`, or for a local folder holding a fast tokenizer
+    its identity-cache entry when there is one (see above). A cache that cannot be read or written is
+    ignored: it only ever saves time."""
+    if not threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    if name_or_path.endswith(".model") or not os.path.isdir(name_or_path):
+        return load_tokenizer(name_or_path, threads=threads)
+    key = _identity_key(name_or_path)
+    path = os.path.join(identity_cache_dir(), f"{key}.json") if key else None
+    path_abs = os.path.abspath(name_or_path)
+    if path and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                entry = json.load(f)
+            if entry.get("format") == CACHE_FORMAT:
+                return CachedTokenizer(entry, path_abs)
+        except (OSError, ValueError, KeyError, TypeError, TokenizerLoadError):
+            pass  # unreadable or stale: load the real tokenizer and rewrite the entry
+    tok = load_tokenizer(name_or_path, threads=threads)
+    spec = tok.worker_spec()
+    if path and spec[0] == "backend":
+        entry = {"format": CACHE_FORMAT, "backend": spec[1], "vocab_size": spec[2], "probe_ids": spec[4],
+                 "info": tok.info().to_json()}
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(entry, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return tok

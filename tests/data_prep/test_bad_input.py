@@ -186,6 +186,7 @@ def test_cleaned_texts_reach_the_tokenizer_exactly(bad_corpus, tmp_path, wordpie
         return real(self, texts)
 
     monkeypatch.setattr(TextTokenizer, "encode_batch", spy)
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))  # empty: the real TextTokenizer encodes
     inputs, _ = bad_corpus
     run_prepare(tmp_path / "out", inputs, wordpiece_dir)
     assert seen == EXPECTED_TEXTS

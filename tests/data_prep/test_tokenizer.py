@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from pipeline.data_prep import tokenizer as tokmod
-from pipeline.data_prep.tokenizer import _PROBES, BackendEncoder, TokenizerLoadError, load_tokenizer
+from pipeline.data_prep.tokenizer import (_PROBES, BackendEncoder, CachedTokenizer, TextTokenizer, TokenizerLoadError,
+                                          load_prep_tokenizer, load_tokenizer)
 from tests.conftest import ROOT
 
 TEXTS = ["Hello, World! naïve CAFÉ", "日本語 emoji 🙂 [MASK] don't", "unbelievably  spaced\ttext\n"]
@@ -168,10 +169,108 @@ except PrepareError as e:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "TMPDIR": str(tmp)})
+                          env={**os.environ, "TMPDIR": str(tmp), "PIPELINE_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 3, proc.stdout + proc.stderr[-3000:]
     assert os.listdir(tmp) == []
     assert "a worker process could not build the tokenizer" in proc.stdout
     assert "TokenizerLoadError" in proc.stdout and "instead of the main process's" in proc.stdout
     units = tmp_path / "out" / "units"
     assert not units.exists() or not os.listdir(units)  # no unit was written with the wrong tokenizer
+
+
+# -- identity cache -------------------------------------------------------------------------------------------
+def cache_entries(cache) -> list:
+    d = cache / "tokenizers"
+    return sorted(d.iterdir()) if d.exists() else []
+
+
+def test_identity_cache_hit_is_the_same_tokenizer(tmp_path, wordpiece_dir, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    cold = load_prep_tokenizer(wordpiece_dir)
+    assert isinstance(cold, TextTokenizer) and len(cache_entries(tmp_path / "cache")) == 1
+    warm = load_prep_tokenizer(wordpiece_dir)
+    assert isinstance(warm, CachedTokenizer)
+    assert warm.info().to_json() == cold.info().to_json()
+    assert warm.worker_spec() == cold.worker_spec()
+    assert warm.vocab_size == cold.vocab_size and warm.dtype == cold.dtype
+    assert warm.encode_batch(TEXTS) == cold.encode_batch(TEXTS)
+
+
+def test_identity_cache_hit_imports_no_transformers(tmp_path, wordpiece_dir):
+    """What the cache is for: the driver's 2 s of transformers import while the workers wait."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            f"from pipeline.data_prep.tokenizer import load_prep_tokenizer\n"
+            f"t = load_prep_tokenizer({wordpiece_dir!r})\n"
+            f"print(type(t).__name__, 'transformers' in sys.modules)")
+    env = {**os.environ, "PIPELINE_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+            for _ in range(2)]
+    assert [r.stdout.split() for r in runs] == [["TextTokenizer", "True"], ["CachedTokenizer", "False"]], \
+        [r.stderr[-2000:] for r in runs]
+
+
+@pytest.mark.parametrize("change", ["tokenizer_file", "new_file"])
+def test_identity_cache_key_covers_the_folder(tmp_path, wordpiece_dir, monkeypatch, change):
+    """Any change to the tokenizer's files (here: uncased -> cased, or a file added) is a miss and a new
+    entry, never the old identity."""
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "tok"
+    shutil.copytree(wordpiece_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx"))
+    before = load_prep_tokenizer(str(folder)).info()
+    if change == "tokenizer_file":
+        with open(folder / "tokenizer.json") as f:
+            tj = json.load(f)
+        tj["normalizer"]["lowercase"] = False
+        with open(folder / "tokenizer.json", "w") as f:
+            json.dump(tj, f)
+        edit_json(folder / "tokenizer_config.json", do_lower_case=False)
+    else:
+        (folder / "README.md").write_text("notes\n")
+    after = load_prep_tokenizer(str(folder))
+    assert isinstance(after, TextTokenizer) and len(cache_entries(tmp_path / "cache")) == 2
+    if change == "tokenizer_file":
+        assert after.info().fingerprint != before.fingerprint
+        assert after.encode("Hello") != load_tokenizer(wordpiece_dir).encode("Hello")
+    else:
+        assert after.info().to_json() == before.to_json()
+    assert load_prep_tokenizer(str(folder)).info().to_json() == after.info().to_json()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong_probes", "unwritable"])
+def test_damaged_or_unusable_cache_falls_back_to_the_real_tokenizer(tmp_path, wordpiece_dir, monkeypatch, damage):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(cache))
+    real = load_prep_tokenizer(wordpiece_dir)
+    [entry] = cache_entries(cache)
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[:1000])
+    elif damage == "wrong_probes":
+        obj = json.loads(entry.read_text())
+        obj["probe_ids"][0][0] += 1
+        entry.write_text(json.dumps(obj))
+    else:  # the cache folder cannot be made: a file is where it would go
+        (tmp_path / "file").write_text("not a folder")
+        monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    again = load_prep_tokenizer(wordpiece_dir)
+    assert isinstance(again, TextTokenizer)  # the real one, not the damaged entry
+    assert again.info().to_json() == real.info().to_json()
+    if damage != "unwritable":
+        assert isinstance(load_prep_tokenizer(wordpiece_dir), CachedTokenizer)  # the entry was rewritten
+
+
+def test_prepare_with_a_warm_cache_writes_the_same_dataset(tmp_path, wordpiece_dir, sample_texts, monkeypatch):
+    from pipeline.data_prep.prepare import PrepareConfig, prepare
+
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "in.txt"
+    src.write_text("\n\n".join(sample_texts[:60]) + "\n", encoding="utf-8")
+    outs = []
+    for run in ("cold", "warm"):
+        prepare(PrepareConfig(inputs=[str(src)], output=str(tmp_path / run), tokenizer=wordpiece_dir, workers=2,
+                              unit_mb=0.02, progress=False, command=["same"]))
+        outs.append(tmp_path / run)
+    assert len(cache_entries(tmp_path / "cache")) == 1
+    m = [json.loads((o / "manifest.json").read_text()) for o in outs]
+    assert m[0]["tokenizer"] == m[1]["tokenizer"] and m[0]["plan_id"] == m[1]["plan_id"]
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*.bin"))
+    assert files and all((outs[0] / f).read_bytes() == (outs[1] / f).read_bytes() for f in files)
