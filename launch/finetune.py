@@ -5,6 +5,11 @@
     python launch/finetune.py --model runs/distil/student --data reviews.csv --test reviews_test.csv \\
         --output runs/reviews --epochs 5 --lr 5e-5
     python launch/finetune.py --model bert-base-uncased --data 'hf:stanfordnlp/imdb' --output runs/imdb
+    deepspeed --num_gpus 8 launch/finetune.py --model runs/distil/student --data 'hf:stanfordnlp/imdb' \
+        --output runs/imdb --batch-size 256 [--deepspeed-config ds_configs/zero2_fp32.json]
+
+--engine auto (default) runs DeepSpeed on GPUs or under a launcher (deepspeed, torchrun, srun) and plain
+PyTorch on a CPU-only machine; --batch-size is the global batch whatever the number of ranks.
 
 --data: a CSV / JSON Lines / Parquet file, a folder with train.* [validation.*|valid.*|dev.*] [test.*], or
 hf:NAME[#config=C]. Without validation, a seeded --valid-fraction of train; without test, the report is on
@@ -43,6 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-fraction", type=float, default=0.1)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--engine", choices=("auto", "torch", "deepspeed"), default="auto",
+                   help="auto: DeepSpeed on GPUs or with several ranks, plain PyTorch otherwise")
+    p.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", default=None,
+                   help="DeepSpeed JSON, ZeRO stage 0-2 and fp32 weights (default: ZeRO-1); batch fields are filled in")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
 
@@ -60,14 +70,22 @@ def main(argv=None) -> int:
                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                          patience=args.patience, seed=args.seed, tensorboard_dir=args.tensorboard_dir,
                          metric=args.metric, warmup_fraction=args.warmup_fraction, device=args.device,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, engine=args.engine, deepspeed_config=args.deepspeed_config)
     try:
         report = finetune(cfg)
     except (ClassifyDataError, FinetuneError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(report_tables(report))
-    print(f"\nsaved model, tokenizer and report.json to {args.output} ({report['timing']['total_s']:.1f}s)")
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if os.environ.get("RANK", "0") == "0":
+        print(report_tables(report))
+        print(f"\nsaved model, tokenizer and report.json to {args.output} ({report['timing']['total_s']:.1f}s, "
+              f"{report['engine']} on {report['ranks']} rank(s))")
     return 0
 
 

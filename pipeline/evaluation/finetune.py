@@ -4,9 +4,18 @@ report per-class metrics: the downstream check of a distillation.
     report = finetune(FinetuneConfig(model="runs/distil/student", data="data/sst2/", output="runs/sst2"))
 
 The model is `AutoModelForSequenceClassification` from the checkpoint (a masked-LM checkpoint gets a fresh
-classification head; its MLM head is dropped) with the tokenizer saved beside it. Plain PyTorch: AdamW (no
-weight decay on biases and LayerNorm), linear warmup then linear decay, gradient clipping, one evaluation on
-validation per epoch. Early stopping watches validation accuracy by default (`metric="macro_f1"` for imbalanced
+classification head; its MLM head is dropped) with the tokenizer saved beside it. AdamW (no weight decay on
+biases and LayerNorm), linear warmup then linear decay, gradient clipping, one evaluation on validation per
+epoch.
+
+Engines (`engine`): "torch", one plain process; "deepspeed", a DeepSpeed engine (ZeRO stage 0-2) in every
+rank started by `deepspeed launch/finetune.py ...`, torchrun or srun; "auto" (default) picks DeepSpeed on a
+GPU or under a distributed launcher, plain PyTorch otherwise. Under DeepSpeed, `batch_size` stays the global
+batch: each step's examples are dealt out over the ranks, each rank's mean loss is weighted by its share, and
+DeepSpeed's gradient average then equals the gradient of the whole batch's mean loss (a rank left without an
+example runs one with weight 0). Evaluation is sharded over the ranks and gathered, so every rank takes the
+same early-stopping decision; rank 0 logs, writes TensorBoard and saves. With dropout off, 2 ranks reproduce
+the single-process run (tests/evaluation/test_finetune_deepspeed.py). Early stopping watches validation accuracy by default (`metric="macro_f1"` for imbalanced
 label sets); an epoch is better if it raises the metric, or ties it with a lower validation loss (small
 validation sets often tie at 100%); `patience` epochs in a row that are not better stop the run. The best
 weights are kept in memory, put back at the end, saved, and reported on test (on validation when there is no
@@ -36,6 +45,11 @@ from .report import classification_report, format_report
 log = logging.getLogger(__name__)
 
 METRICS = {"accuracy": lambda r: r["accuracy"], "macro_f1": lambda r: r["macro avg"]["f1-score"]}
+ENGINES = ("auto", "torch", "deepspeed")
+# The DeepSpeed settings of a fine-tuning run unless --deepspeed-config names others. Batch sizes and gradient
+# clipping are filled in from the fine-tuning settings. Weights and optimiser state stay fp32 (the forward runs
+# under bf16 autocast on GPU): the model saved at the end is the one trained, not a rounded copy.
+DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 1}, "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
 
 class FinetuneError(RuntimeError):
@@ -62,8 +76,10 @@ class FinetuneConfig:
     warmup_fraction: float = 0.1  # share of the optimiser steps with a linear warmup
     weight_decay: float = 0.01  # AdamW weight decay (not on biases and LayerNorm weights)
     grad_clip: float = 1.0  # gradient-norm clipping (0: off)
-    device: str | None = None  # default: cuda if available, else cpu
+    device: str | None = None  # default: cuda if available, else cpu (engine torch; DeepSpeed uses its rank's)
     progress: bool = True  # tqdm bars (on a terminal only)
+    engine: str = "auto"  # "auto", "torch" or "deepspeed" (see the module docstring)
+    deepspeed_config: str | None = None  # DeepSpeed JSON for engine deepspeed (default: DEFAULT_DS_CONFIG)
 
     def validate(self) -> None:
         problems = []
@@ -83,6 +99,10 @@ class FinetuneConfig:
             problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0.0 < self.valid_fraction < 1.0:
             problems.append(f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.deepspeed_config and not os.path.isfile(self.deepspeed_config):
+            problems.append(f"deepspeed_config: no such file {self.deepspeed_config!r}")
         if problems:
             raise FinetuneError("bad fine-tuning settings:\n  " + "\n  ".join(problems))
 
@@ -137,13 +157,57 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+class _Ranks:
+    """This process's place among the ranks (rank 0 of 1 for a plain run) and the collectives fine-tuning uses."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj) -> list:
+        """`obj` of every rank, in rank order (on every rank)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sum(self, values: list[float]) -> list[float]:
+        return [sum(v) for v in zip(*self.gather(values))] if self.world > 1 else list(values)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def rank_share(items: list, rank: int, world: int) -> tuple[list, float]:
+    """This rank's part of one global batch, and the weight of its mean loss.
+
+    DeepSpeed averages the ranks' gradients; with weight = (its examples) x world / (batch examples), that average
+    is the gradient of the whole batch's mean loss, however unevenly the last batch splits. A rank left without
+    an example gets the batch's first one with weight 0 (it must still run forward and backward with the rest)."""
+    part = items[rank::world]
+    if not part:
+        return items[:1], 0.0
+    return part, len(part) * world / len(items)
+
+
 @torch.inference_mode()
-def predict(model, examples: list[dict], batch_size: int, pad_id: int, device: torch.device) -> tuple[list[int], float]:
+def predict(model, examples: list[dict], batch_size: int, pad_id: int, device: torch.device,
+            ranks: _Ranks | None = None) -> tuple[list[int], float]:
     """Predicted label ids, in order, and the mean cross-entropy. Examples run sorted by length so that batches
-    carry little padding."""
+    carry little padding; with several ranks each runs every world-th of them and the results are gathered."""
+    ranks = ranks or _Ranks()
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    preds = [0] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))[ranks.rank::ranks.world]
+    mine: list[tuple[int, int]] = []
     loss_sum = torch.zeros((), device=device)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -151,17 +215,115 @@ def predict(model, examples: list[dict], batch_size: int, pad_id: int, device: t
         with _autocast(device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_sum += torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-        for i, p in zip(idx, logits.argmax(-1).tolist()):
+        mine.extend(zip(idx, logits.argmax(-1).tolist()))
+    preds = [0] * len(examples)
+    total = 0.0
+    for pairs, loss in ranks.gather((mine, loss_sum.item())):
+        total += loss
+        for i, p in pairs:
             preds[i] = p
-    return preds, loss_sum.item() / len(examples)
+    return preds, total / len(examples)
 
 
 def evaluate(model, examples, labels: list[int], label_names: list[str], batch_size: int, pad_id: int,
-             device: torch.device) -> tuple[dict, float]:
+             device: torch.device, ranks: _Ranks | None = None) -> tuple[dict, float]:
     """The classification report (label names as keys) and the mean cross-entropy on `examples`."""
-    preds, loss = predict(model, examples, batch_size, pad_id, device)
+    preds, loss = predict(model, examples, batch_size, pad_id, device, ranks)
     report = classification_report([label_names[i] for i in labels], [label_names[i] for i in preds], label_names)
     return report, loss
+
+
+def resolve_engine(engine: str, env=os.environ) -> str:
+    """"auto": DeepSpeed on a GPU or when a launcher started several ranks, plain PyTorch otherwise."""
+    if engine != "auto":
+        return engine
+    return "deepspeed" if torch.cuda.is_available() or int(env.get("WORLD_SIZE", "1")) > 1 else "torch"
+
+
+def deepspeed_config(cfg: "FinetuneConfig", world: int) -> dict:
+    """The DeepSpeed config of a fine-tuning run: `cfg.deepspeed_config` (or DEFAULT_DS_CONFIG) with the batch
+    and clipping fields filled in. Raises FinetuneError naming the file and key for what fine-tuning cannot use."""
+    import copy
+
+    if cfg.deepspeed_config:
+        from pipeline.training.config import ConfigError
+        from pipeline.training.ds_config import load_ds_config
+
+        try:
+            ds = load_ds_config(cfg.deepspeed_config)
+        except ConfigError as e:
+            raise FinetuneError(str(e)) from None
+        where = cfg.deepspeed_config
+    else:
+        ds, where = copy.deepcopy(DEFAULT_DS_CONFIG), "the default DeepSpeed config"
+    micro = math.ceil(cfg.batch_size / world)
+    want = {"train_batch_size": micro * world, "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": 1, "gradient_clipping": cfg.grad_clip}
+    problems = []
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            problems.append(f'"{key}": fine-tuning builds its own AdamW and linear schedule from --lr and '
+                            f"--warmup-fraction; remove the section")
+    for key in ("fp16", "bf16"):
+        if ds.get(key, {}).get("enabled"):
+            problems.append(f'"{key}.enabled": fine-tuning keeps fp32 weights (the forward runs under bf16 autocast '
+                            f"on GPU); use an fp32 config such as ds_configs/zero1_fp32.json")
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage > 2:
+        problems.append(f'"zero_optimization.stage" {stage}: fine-tuning supports ZeRO stages 0-2 (the student is '
+                        f"small; its evaluation runs the ranks on different batches, which ZeRO-3 cannot)")
+    for key, value in want.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and given != value and not (key == "gradient_clipping" and float(given) == value):
+            problems.append(f'"{key}" is {given!r} but the fine-tuning settings give {value!r} (--batch-size '
+                            f'{cfg.batch_size} over {world} rank(s)); set it to "auto" or leave it out')
+        ds[key] = value
+    if problems:
+        raise FinetuneError(f"{where}: cannot fine-tune with it:\n  " + "\n  ".join(problems))
+    return ds
+
+
+class _TorchEngine:
+    """One plain process: loss.backward, clipping, AdamW step, schedule step."""
+
+    def __init__(self, model, cfg: "FinetuneConfig", total_steps: int):
+        self.module = model
+        self.opt, self.sched = _optimizer(model, cfg, total_steps)
+        self.grad_clip = cfg.grad_clip
+
+    def __call__(self, **batch):
+        return self.module(**batch)
+
+    def step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+
+class _DeepSpeedEngine(_TorchEngine):
+    """A DeepSpeed engine around the same AdamW and schedule: engine.backward (gradients averaged over the ranks),
+    engine.step (clipping from the config, optimiser and schedule)."""
+
+    def __init__(self, model, cfg: "FinetuneConfig", total_steps: int, ds: dict):
+        import deepspeed
+
+        opt, sched = _optimizer(model, cfg, total_steps)
+        self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
+        self.sched = sched
+        self.module = self.engine.module
+
+    def __call__(self, **batch):
+        return self.engine(**batch)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
 
 
 def _optimizer(model, cfg: FinetuneConfig, total_steps: int):
@@ -186,21 +348,33 @@ def _summary_writer(path: str | None):
 
 
 def finetune(cfg: FinetuneConfig, data: ClassificationData | None = None) -> dict:
-    """Fine-tune, save the best model to `cfg.output`, write report.json and return the report (a dict)."""
+    """Fine-tune, save the best model to `cfg.output`, write report.json and return the report (a dict).
+
+    Under DeepSpeed every rank runs this; rank 0 logs and writes, and every rank returns the report."""
     t_start = time.time()
     cfg.validate()
+    engine_name = resolve_engine(cfg.engine)
+    ranks, device, ds = _Ranks(), None, None
+    if engine_name == "deepspeed":
+        from pipeline.training.distributed import init_distributed
+
+        info = init_distributed()
+        ranks, device = _Ranks(info.rank, info.world_size), info.device
+        ds = deepspeed_config(cfg, info.world_size)  # before loading anything: a bad config fails fast
+    else:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    say = log.info if ranks.is_main else (lambda *a, **k: None)
     if data is None:
         data = load_classification_data(cfg.data, cfg.text_column, cfg.label_column, test=cfg.test,
                                         valid_fraction=cfg.valid_fraction, seed=cfg.seed)
     for note in data.notes:
-        log.info("[finetune] %s", note)
-    log.info("[finetune] labels %s; %s", data.label_names,
-             ", ".join(f"{k} {v}" for k, v in data.summary()["sizes"].items()))
+        say("[finetune] %s", note)
+    say("[finetune] labels %s; %s", data.label_names,
+        ", ".join(f"{k} {v}" for k, v in data.summary()["sizes"].items()))
 
     from transformers import set_seed
-    set_seed(cfg.seed)  # the fresh head's initialisation, dropout and shuffling
+    set_seed(cfg.seed)  # the fresh head's initialisation (the same on every rank), dropout and shuffling
     tokenizer, model = load_model(cfg.model, data)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_length = _max_length(cfg.max_length, model, tokenizer)
@@ -211,13 +385,19 @@ def finetune(cfg: FinetuneConfig, data: ClassificationData | None = None) -> dic
 
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    opt, sched = _optimizer(model, cfg, total_steps)
-    os.makedirs(cfg.output, exist_ok=True)
+    runner = (_DeepSpeedEngine(model, cfg, total_steps, ds) if engine_name == "deepspeed"
+              else _TorchEngine(model, cfg, total_steps))
+    model = runner.module
+    say("[finetune] engine %s: %d rank(s) on %s, %d examples per step%s", engine_name, ranks.world, device.type,
+        cfg.batch_size, f", ZeRO stage {ds['zero_optimization'].get('stage', 0)}" if ds else "")
+    if ranks.is_main:
+        os.makedirs(cfg.output, exist_ok=True)
     tb_dir = os.path.join(cfg.output, "tensorboard") if cfg.tensorboard_dir is None else cfg.tensorboard_dir
-    writer = _summary_writer(tb_dir)
+    writer = _summary_writer(tb_dir) if ranks.is_main else None
     gen = torch.Generator().manual_seed(cfg.seed)
     log_every = max(1, steps_per_epoch // 4)
-    show_bar = cfg.progress and sys.stderr.isatty()
+    show_bar = cfg.progress and ranks.is_main and sys.stderr.isatty()
+    eval_batch = 2 * cfg.batch_size
 
     history, best, best_state, best_epoch, bad_epochs = [], None, None, 0, 0
     step, train_s, eval_s = 0, 0.0, 0.0
@@ -225,7 +405,8 @@ def finetune(cfg: FinetuneConfig, data: ClassificationData | None = None) -> dic
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.time()
             model.train()
-            order = torch.randperm(len(train_ex), generator=gen).tolist()
+            order = torch.randperm(len(train_ex), generator=gen).tolist()  # the same on every rank
+            # Per-example cross-entropy summed over the log interval, and its example count (all ranks).
             loss_sum, loss_n = torch.zeros((), device=device), 0
             epoch_loss, epoch_n = 0.0, 0
             bar = None
@@ -234,28 +415,26 @@ def finetune(cfg: FinetuneConfig, data: ClassificationData | None = None) -> dic
                 bar = tqdm(total=steps_per_epoch, desc=f"finetune epoch {epoch}/{cfg.epochs}", unit="step",
                            dynamic_ncols=True, file=sys.stderr, leave=False)
             for start in range(0, len(order), cfg.batch_size):
-                batch = collate([train_ex[i] for i in order[start:start + cfg.batch_size]], pad_id)
+                part, weight = rank_share(order[start:start + cfg.batch_size], ranks.rank, ranks.world)
+                batch = collate([train_ex[i] for i in part], pad_id)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with _autocast(device):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])  # fp32 loss
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                    logits = runner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")  # fp32
+                runner.step(ce.mean() * weight)
                 step += 1
-                loss_sum += loss.detach()
-                loss_n += 1
+                if weight:
+                    loss_sum += ce.detach().sum()
+                    loss_n += len(part)
                 if step % log_every == 0 or start + cfg.batch_size >= len(order):
-                    mean = (loss_sum / loss_n).item()  # host sync: log interval only
-                    epoch_loss, epoch_n = epoch_loss + mean * loss_n, epoch_n + loss_n
+                    total, n = ranks.sum([loss_sum.item(), float(loss_n)])  # host sync: log interval only
+                    mean = total / max(n, 1.0)
+                    epoch_loss, epoch_n = epoch_loss + total, epoch_n + n
                     loss_sum.zero_()
                     loss_n = 0
                     if writer is not None:
                         writer.add_scalar("finetune/train_loss", mean, step)
-                        writer.add_scalar("finetune/lr", sched.get_last_lr()[0], step)
+                        writer.add_scalar("finetune/lr", runner.lr(), step)
                     if bar is not None:
                         bar.set_postfix_str(f"loss {mean:.4f}")
                 if bar is not None:
@@ -264,12 +443,13 @@ def finetune(cfg: FinetuneConfig, data: ClassificationData | None = None) -> dic
                 bar.close()
             t1 = time.time()
             train_s += t1 - t0
-            rep, valid_loss = evaluate(model, valid_ex, data.validation.labels, data.label_names,
-                                       2 * cfg.batch_size, pad_id, device)
+            rep, valid_loss = evaluate(model, valid_ex, data.validation.labels, data.label_names, eval_batch, pad_id,
+                                       device, ranks)
             eval_s += time.time() - t1
             acc, f1 = rep["accuracy"], rep["macro avg"]["f1-score"]
             # Ties on the metric are common on small validation sets (several epochs at 100%): the lower
             # validation loss breaks them, so early stopping does not keep an epoch that is right but unsure.
+            # Every rank has the same gathered figures, so every rank takes the same decision.
             score = (METRICS[cfg.metric](rep), -valid_loss)
             improved = best is None or score > best
             history.append({"epoch": epoch, "step": step, "train_loss": epoch_loss / max(epoch_n, 1),
@@ -280,9 +460,9 @@ def finetune(cfg: FinetuneConfig, data: ClassificationData | None = None) -> dic
                 writer.add_scalar("finetune/valid_macro_f1", f1, step)
                 writer.add_scalar("finetune/valid_loss", valid_loss, step)
                 writer.flush()
-            log.info("[finetune] epoch %d/%d train loss %.4f valid loss %.4f accuracy %.4f macro-F1 %.4f%s (%.1fs)",
-                     epoch, cfg.epochs, history[-1]["train_loss"], valid_loss, acc, f1, " *best" if improved else "",
-                     history[-1]["seconds"])
+            say("[finetune] epoch %d/%d train loss %.4f valid loss %.4f accuracy %.4f macro-F1 %.4f%s (%.1fs)",
+                epoch, cfg.epochs, history[-1]["train_loss"], valid_loss, acc, f1, " *best" if improved else "",
+                history[-1]["seconds"])
             if improved:
                 best, best_epoch, bad_epochs = score, epoch, 0
                 # Kept in host memory: a copy on disk per improvement would cost a full save each epoch.
@@ -290,7 +470,7 @@ def finetune(cfg: FinetuneConfig, data: ClassificationData | None = None) -> dic
             else:
                 bad_epochs += 1
                 if cfg.patience and bad_epochs >= cfg.patience:
-                    log.info("[finetune] early stop: no better validation %s for %d epochs", cfg.metric, bad_epochs)
+                    say("[finetune] early stop: no better validation %s for %d epochs", cfg.metric, bad_epochs)
                     break
     finally:
         if writer is not None:
@@ -298,19 +478,20 @@ def finetune(cfg: FinetuneConfig, data: ClassificationData | None = None) -> dic
 
     model.load_state_dict(best_state)
     t2 = time.time()
-    valid_report, valid_loss = evaluate(model, valid_ex, data.validation.labels, data.label_names,
-                                        2 * cfg.batch_size, pad_id, device)
-    test_report, test_loss = (evaluate(model, test_ex, data.test.labels, data.label_names, 2 * cfg.batch_size,
-                                       pad_id, device) if test_ex is not None else (None, None))
+    valid_report, valid_loss = evaluate(model, valid_ex, data.validation.labels, data.label_names, eval_batch,
+                                        pad_id, device, ranks)
+    test_report, test_loss = (evaluate(model, test_ex, data.test.labels, data.label_names, eval_batch, pad_id,
+                                       device, ranks) if test_ex is not None else (None, None))
     eval_s += time.time() - t2
 
-    model.save_pretrained(cfg.output)
-    tokenizer.save_pretrained(cfg.output)
     report = {
         "model": cfg.model,
         "config": {**asdict(cfg), "max_length_used": max_length, "tensorboard_dir": tb_dir or None},
         "data": data.summary(),
         "device": str(device),
+        "engine": engine_name,
+        "ranks": ranks.world,
+        "zero_stage": int(ds["zero_optimization"].get("stage", 0)) if ds else None,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "early_stopping_metric": f"valid_{cfg.metric}",
         "best_epoch": best_epoch,
@@ -326,8 +507,12 @@ def finetune(cfg: FinetuneConfig, data: ClassificationData | None = None) -> dic
                    "total_s": round(time.time() - t_start, 3),
                    "train_examples_per_s": round(len(train_ex) * len(history) / max(train_s, 1e-9), 1)},
     }
-    with open(os.path.join(cfg.output, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    if ranks.is_main:
+        model.save_pretrained(cfg.output)
+        tokenizer.save_pretrained(cfg.output)
+        with open(os.path.join(cfg.output, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    ranks.barrier()  # the model is on disk before any rank returns
     return report
 
 
