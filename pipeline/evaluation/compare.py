@@ -40,8 +40,9 @@ def compare(models: dict[str, str], *, batch_sizes=(1, 8, 32), seq_lens=(128, 51
             seed: int = 0) -> dict:
     """`models`: {label: checkpoint}. Encoder forward (no MLM head: what downstream inference runs) on random ids.
 
-    Each shape runs every model in turn, `repeats` times each after `warmup`, and reports the median; ratios are
-    against the first model (the teacher, by convention)."""
+    Each shape warms every model up (`warmup` forwards), then runs them in turn `repeats` times (alternating) and
+    reports each one's median latency and its spread (min, max); ratios are against the first model (the
+    teacher, by convention)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -63,9 +64,16 @@ def compare(models: dict[str, str], *, batch_sizes=(1, 8, 32), seq_lens=(128, 51
             for m in loaded.values():
                 _time_forward(m, ids, mask, warmup, sync)
             row = {"batch": B, "seq_len": L}
-            for label, m in loaded.items():
-                t = _time_forward(m, ids, mask, repeats, sync)
-                row[label] = {"latency_ms": t * 1e3, "sequences_per_s": B / t}
+            # Repeats alternate between the models (t, s, t, s, ...): a burst of load from elsewhere on a shared
+            # machine then hits both alike instead of all of one model's repeats.
+            times = {label: [] for label in loaded}
+            for _ in range(repeats):
+                for label, m in loaded.items():
+                    times[label].append(_time_forward(m, ids, mask, 1, sync))
+            for label in loaded:
+                t = statistics.median(times[label])
+                row[label] = {"latency_ms": t * 1e3, "sequences_per_s": B / t,
+                              "spread_ms": [min(times[label]) * 1e3, max(times[label]) * 1e3]}
             for label in loaded:
                 row[label]["speedup_vs_" + first] = row[first]["latency_ms"] / row[label]["latency_ms"]
             out["timings"].append(row)

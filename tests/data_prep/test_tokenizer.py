@@ -38,6 +38,15 @@ def assert_same_tokenizer(a, b) -> None:
     assert a.worker_spec() == b.worker_spec()
 
 
+def stop_lowercasing(tokenizer_json) -> None:
+    """A tokenizer.json whose normaliser keeps the case: another tokenizer with the same vocabulary."""
+    with open(tokenizer_json) as f:
+        spec = json.load(f)
+    spec["normalizer"]["lowercase"] = False
+    with open(tokenizer_json, "w") as f:
+        json.dump(spec, f)
+
+
 def edit_json(path, **changes) -> None:
     with open(path) as f:
         obj = json.load(f)
@@ -73,11 +82,7 @@ def test_direct_load_equals_autotokenizer(tmp_path, wordpiece_dir, monkeypatch, 
         edit_json(d / "config.json", model_type="distilbert")
         edit_json(d / "tokenizer_config.json", tokenizer_class="DistilBertTokenizerFast")
     elif variant == "tokenizer.json not lowercasing":
-        with open(d / "tokenizer.json") as f:
-            spec = json.load(f)
-        spec["normalizer"]["lowercase"] = False
-        with open(d / "tokenizer.json", "w") as f:
-            json.dump(spec, f)
+        stop_lowercasing(d / "tokenizer.json")
     else:
         edit_json(d / "tokenizer_config.json", do_lower_case=False)
     assert tokmod._direct_class(str(d)) is not None
@@ -218,11 +223,7 @@ def test_identity_cache_key_covers_the_folder(tmp_path, wordpiece_dir, monkeypat
     shutil.copytree(wordpiece_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx"))
     before = load_prep_tokenizer(str(folder)).info()
     if change == "tokenizer_file":
-        with open(folder / "tokenizer.json") as f:
-            tj = json.load(f)
-        tj["normalizer"]["lowercase"] = False
-        with open(folder / "tokenizer.json", "w") as f:
-            json.dump(tj, f)
+        stop_lowercasing(folder / "tokenizer.json")
         edit_json(folder / "tokenizer_config.json", do_lower_case=False)
     else:
         (folder / "README.md").write_text("notes\n")

@@ -33,3 +33,24 @@ def test_sizes_and_timings(pair):
             assert row[m]["sequences_per_s"] == pytest.approx(row["batch"] / row[m]["latency_ms"] * 1e3)
         assert row["teacher"]["speedup_vs_teacher"] == 1.0
     assert disk_bytes("bert-base-uncased") is None
+
+
+def test_student_vs_teacher_benchmark_builds_the_student_from_the_teacher(tmp_path):
+    """benchmarks/student_vs_teacher.py (tiny models): the student is the pipeline's DistilBERT with half the
+    teacher's layers, and the result JSON holds both models and every shape."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "student_vs_teacher.py"), "--tiny",
+                           "--batch-sizes", "1", "2", "--seq-lens", "16", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r["models"]["teacher"]["layers"], r["models"]["student"]["layers"]) == (4, 2)
+    assert r["models"]["student"]["parameters"] < r["models"]["teacher"]["parameters"]
+    assert [(row["batch"], row["seq_len"]) for row in r["timings"]] == [(1, 16), (2, 16)]
+    assert "speedup" in proc.stdout and r["tiny"] is True
