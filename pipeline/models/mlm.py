@@ -93,6 +93,7 @@ class MaskedLM(nn.Module):
             raise TypeError(f"MaskedLM supports {', '.join(_CLASS_FAMILY)}; got {name}")
         self.hf = hf_model
         self.family = FAMILIES[_CLASS_FAMILY[name]]
+        self.unpad = False  # see enable_unpadding
         # Parts are looked up by name, never stored as attributes: an nn.Module attribute registers a second
         # path to the same weights, which would repeat them in state_dict() (and in every checkpoint).
 
@@ -133,7 +134,38 @@ class MaskedLM(nn.Module):
             # syncs with the device once; transformers 5 makes the same check itself when given a mask, so
             # this costs nothing extra there and keeps the fast path on versions and backends that do not.
             attention_mask = None
+        if attention_mask is not None and self.unpad:
+            return self._encode_unpadded(input_ids, attention_mask)
         return self._encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def enable_unpadding(self) -> None:
+        """Run padded batches unpadded from now on (pipeline/models/varlen.py): the real tokens packed into one
+        sequence, attention per document (FlashAttention varlen on CUDA in bf16/fp16), the output scattered back
+        to [B, L, H] with zeros on padding. Batches without padding run as before."""
+        from . import varlen
+
+        name = varlen.register()
+        if hasattr(self.hf, "set_attn_implementation"):
+            self.hf.set_attn_implementation(name)
+        else:
+            self.hf.config._attn_implementation = name
+        self.unpad = True
+
+    def _encode_unpadded(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        from .varlen import pack, unpack
+
+        p = pack(input_ids, attention_mask)
+        position_ids = p["position_ids"]  # BERT, DistilBERT: the token's column, as in the padded forward
+        if self.family.name == "roberta":  # RoBERTa numbers the real tokens from padding_idx + 1
+            rank = (attention_mask.long().cumsum(1) - 1).reshape(-1)[p["index"]]
+            position_ids = (rank + self.config.pad_token_id + 1).unsqueeze(0)
+        kwargs = dict(input_ids=p["input_ids"], position_ids=position_ids, cu_seq_lens_q=p["cu_seqlens"],
+                      cu_seq_lens_k=p["cu_seqlens"], max_length_q=p["max_len"], max_length_k=p["max_len"])
+        if self.family.name != "distilbert":
+            # the token-type buffer only covers max_position tokens, and T (the batch's real tokens) is more
+            kwargs["token_type_ids"] = torch.zeros_like(p["input_ids"])
+        hidden = self._encoder(**kwargs).last_hidden_state
+        return unpack(hidden, p["index"], tuple(input_ids.shape))
 
     def transform(self, hidden: Tensor) -> Tensor:
         """MLM head transform: dense -> activation -> LayerNorm, shape unchanged."""

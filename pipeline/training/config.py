@@ -69,6 +69,9 @@ class DataConfig:
     seq_len: int = doc("training sequence length in tokens, [CLS] included", 512)
     mode: str = doc("packed (consecutive documents, no padding) or document (one document per sample, padded)",
                     "packed")
+    unpad: bool = doc("document mode: run the padded batches of teacher and student unpadded (real tokens packed, "
+                      "attention per document: FlashAttention varlen on GPU in bf16/fp16); packed batches have no "
+                      "padding and are unaffected", True)
     num_workers: int = doc("background data-loader processes per rank", 2)
     verify: str = doc("checksums checked at start by rank 0: full (sha256 of every shard) or size", "full")
 

@@ -195,6 +195,15 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                        "command": command or sys.argv}, f, indent=1)
     barrier()
 
+    if cfg.data.mode == "document" and cfg.data.unpad:
+        # after student_init was saved: the attention implementation is a runtime choice, not part of the model
+        for model in (student, teacher):
+            if model is not None:
+                model.enable_unpadding()
+        from pipeline.models.varlen import describe
+
+        paths = describe(dist.device, precision(ds), tdtype if teacher is not None else None, s.attention_dropout)
+        log(f"document mode: batches run unpadded ({paths})")
     if s.activation_checkpointing:
         student.enable_activation_checkpointing()
     if stage == 3 and uses_chunked_loss(cfg.loss, teacher is not None):

@@ -148,13 +148,19 @@ def test_resume_on_one_rank_continues_the_same_stream_zero3(tmp_path, tiny_teach
 
 
 def test_document_mode_with_activation_checkpointing(tmp_path, tiny_teacher, sample_data):
-    """One document per sample: padded batches (cut to their longest document) through the chunked loss, 2 ranks,
-    the student's activations recomputed in backward."""
-    run = tmp_path / "doc"
-    pretrain(run, tiny_teacher, sample_data, "train.max_steps=2", "data.mode=document", "checkpoint.every_steps=0",
-             "checkpoint.export_hf=false", "student.activation_checkpointing=true")
-    rows = metrics(run)
+    """One document per sample: padded batches (cut to their longest document) run unpadded (data.unpad, the
+    default) through the chunked loss, 2 ranks, the student's activations recomputed in backward; with dropout
+    off, the same losses as the padded forward (data.unpad=false)."""
+    common = ["train.max_steps=2", "data.mode=document", "checkpoint.every_steps=0", "checkpoint.export_hf=false",
+              "student.activation_checkpointing=true", "student.dropout=0", "student.attention_dropout=0"]
+    unpadded = pretrain(tmp_path / "doc", tiny_teacher, sample_data, *common)
+    assert "batches run unpadded (student: SDPA per document; teacher: SDPA per document)" in unpadded.stdout
+    padded = pretrain(tmp_path / "padded", tiny_teacher, sample_data, *common, "data.unpad=false")
+    assert "unpadded" not in padded.stdout
+    rows, ref = metrics(tmp_path / "doc"), metrics(tmp_path / "padded")
     assert sorted(rows) == [1, 2]
-    for r in rows.values():
+    for step, r in rows.items():
         assert r["loss/kd"] > 0 and r["loss/mlm"] > 0 and r["throughput/tokens_per_s"] > 0
-    assert metrics(run, "eval")[2]["eval/masked_tokens"] > 0
+        for k in ("loss/total", "loss/kd", "loss/mlm", "loss/cos"):
+            assert r[k] == pytest.approx(ref[step][k], rel=1e-4, abs=1e-6), (step, k)  # fp32 sums, kd ~1e-5
+    assert metrics(tmp_path / "doc", "eval")[2]["eval/masked_tokens"] > 0
