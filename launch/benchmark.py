@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile our student and teacher")
     p.add_argument("--data", default=None, help="prepared dataset for real document lengths (default: the "
                                                    "quickstart's, runs/quickstart/data)")
+    p.add_argument("--document", action="store_true",
+                   help="also time our step on the reference's padded document batches, unpadded (data.unpad) and "
+                        "padded")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     preset = args.preset or ("bert-base" if args.device == "cuda" else "cpu-small")
@@ -59,7 +62,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     results, summary = [], []
-    jobs = [(L, v, r) for L in args.seq_lens for r in range(args.rounds) for v in ("reference", "ours")]
+    variants = ("reference", "ours") + (("ours_document", "ours_document_padded") if args.document else ())
+    jobs = [(L, v, r) for L in args.seq_lens for r in range(args.rounds) for v in variants]
     for L, variant, _ in tqdm(jobs, desc="benchmark", unit="run", file=sys.stderr):
         job = Job(variant=variant, preset=preset, seq_len=L, micro=args.micro or PRESETS[preset]["micro"][L],
                   steps=steps, warmup=warmup, device=args.device, data=data, chunk_size=chunk,
@@ -67,22 +71,28 @@ def main(argv=None) -> int:
         results.append(in_subprocess("step", job.__dict__))
     mem_key = "peak_memory_gib" if args.device == "cuda" else "peak_rss_gib"
     print(f"\n{preset} on {args.device}, median of {args.rounds} rounds, {steps} timed steps each")
-    print(f"{'seq':>5} {'step':>10} {'micro':>5} {'tokens/s':>12} {'step s':>8} {'TFLOP/s':>8} "
+    print(f"{'seq':>5} {'step':>20} {'micro':>5} {'tokens/s':>12} {'step s':>8} {'TFLOP/s':>8} "
           f"{'MFU':>6} {'peak GiB':>9}")
     for L in args.seq_lens:
         row = {"seq_len": L}
-        for v in ("reference", "ours"):
+        for v in variants:
             rs = [r for r in results if r["seq_len"] == L and r["variant"] == v]
             tps, st, tf = median_by(rs, "tokens_per_s"), median_by(rs, "step_s"), median_by(rs, "model_tflops_per_s")
             mem = max(r[mem_key] for r in rs)
             mfu = median_by(rs, "mfu_vs_h100_measured_bf16") if args.device == "cuda" else None
             row[v] = {"tokens_per_s": tps, "step_s": st, "tflops": tf, "peak_gib": mem, "mfu": mfu,
                       "pad_fraction": 1 - rs[0]["tokens"] / rs[0]["padded_tokens"]}
-            print(f"{L:>5} {v:>10} {rs[0]['micro']:>5} {tps:>12,.0f} {st:>8.3f} {tf:>8.3f} "
+            print(f"{L:>5} {v:>20} {rs[0]['micro']:>5} {tps:>12,.0f} {st:>8.3f} {tf:>8.3f} "
                   f"{'-' if mfu is None else f'{mfu:.1%}':>6} {mem:>9.2f}")
         row["ratio_tokens_per_s"] = row["ours"]["tokens_per_s"] / row["reference"]["tokens_per_s"]
-        print(f"{L:>5} {'ours/ref':>10} {'':>5} {row['ratio_tokens_per_s']:>11.2f}x   "
+        print(f"{L:>5} {'ours/ref':>20} {'':>5} {row['ratio_tokens_per_s']:>11.2f}x   "
               f"(reference batches {row['reference']['pad_fraction']:.0%} padding)")
+        if args.document:
+            row["ratio_document_tokens_per_s"] = row["ours_document"]["tokens_per_s"] / row["reference"]["tokens_per_s"]
+            row["ratio_unpad_over_padded"] = (row["ours_document"]["tokens_per_s"]
+                                              / row["ours_document_padded"]["tokens_per_s"])
+            print(f"{L:>5} {'ours_document/ref':>20} {'':>5} {row['ratio_document_tokens_per_s']:>11.2f}x   "
+                  f"(unpadded / padded document batches: {row['ratio_unpad_over_padded']:.2f}x)")
         summary.append(row)
 
     # The loss alone: plain full logits against chunked, at the rows of the longest setting's micro batch

@@ -15,6 +15,10 @@ Ours is the trainer's own step (`pipeline/training/step.py` forward_losses, a De
 under inference mode (bf16 on GPU), the fused chunked KD + MLM loss (`loss.chunk_size`), DeepSpeed bf16 with fp32
 master weights and FusedAdam on GPU.
 
+With `--document` (launch/benchmark.py), ours also runs on the reference's own padded document batches
+(`data.mode=document`): `ours_document` unpadded (`data.unpad`, the default: pipeline/models/varlen.py) and
+`ours_document_padded` with the padding and attention mask kept, which isolates what unpadding buys.
+
 Both steps cover the same work per token: KD on every non-pad token, MLM on the masked 15%, cosine on every token.
 tokens/s counts real (non-pad) tokens only: padding is the reference's waste, not work. MFU uses the FLOP model of
 `pipeline/training/flops.py` at the step's real token count.
@@ -47,7 +51,7 @@ PRESETS = {
 
 @dataclass
 class Job:
-    variant: str            # reference | ours | ours_plain_loss
+    variant: str            # reference | ours | ours_plain_loss | ours_document | ours_document_padded
     preset: str
     seq_len: int
     micro: int
@@ -107,7 +111,7 @@ def make_batches(job: Job, n: int):
     vocab = PRESETS[job.preset]["vocab"]
     gen = torch.Generator().manual_seed(job.seed)
     batches = []
-    if job.variant == "reference":
+    if job.variant == "reference" or job.variant.startswith("ours_document"):  # the same batches for all three
         lengths = np.minimum(doc_lengths(job.data, job.seed, n * job.micro), job.seq_len).reshape(n, job.micro)
         for row in lengths:
             width = int(row.max())
@@ -180,6 +184,9 @@ def our_step_fn(job: Job, teacher, student, device):
         teacher.to(device=device, dtype=torch.bfloat16)
     opt = build_optimizer(student, OptimizerConfig(), on_gpu=on_gpu, offload=False)
     engine, *_ = deepspeed.initialize(model=student, optimizer=opt, config=ds)
+    if job.variant == "ours_document":  # the reference's padded document batches, run unpadded (data.unpad)
+        teacher.enable_unpadding()
+        engine.module.enable_unpadding()
     if job.compile:
         engine.compile()
         teacher.hf.bert.encoder = torch.compile(teacher.hf.bert.encoder)

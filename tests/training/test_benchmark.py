@@ -45,7 +45,8 @@ def test_loss_memory_probe_runs(variant):
 def test_benchmark_command_end_to_end(tmp_path, sample_data):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "benchmark.py"), "--preset", "tiny", "--seq-lens", "32",
-                           "--rounds", "1", "--steps", "2", "--warmup", "1", "--data", sample_data, "--output", str(out)],
+                           "--rounds", "1", "--steps", "2", "--warmup", "1", "--data", sample_data, "--output", str(out),
+                           "--document"],
                           capture_output=True, text=True, timeout=600, cwd=str(ROOT),
                           env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -57,3 +58,10 @@ def test_benchmark_command_end_to_end(tmp_path, sample_data):
     assert runs["reference"]["tokens"] < runs["reference"]["padded_tokens"] or row["reference"]["pad_fraction"] == 0
     assert set(r["loss_memory"]) == {"plain", "chunked"}
     assert "ours/ref" in proc.stdout
+    # --document: our step on the reference's own padded document batches, unpadded and padded
+    for v in ("ours_document", "ours_document_padded"):
+        assert (runs[v]["tokens"], runs[v]["padded_tokens"]) == (runs["reference"]["tokens"],
+                                                                 runs["reference"]["padded_tokens"])
+    assert row["ratio_unpad_over_padded"] == pytest.approx(row["ours_document"]["tokens_per_s"]
+                                                           / row["ours_document_padded"]["tokens_per_s"])
+    assert "unpadded / padded document batches" in proc.stdout
