@@ -88,14 +88,6 @@ def build_models(job: Job):
     return teacher, student
 
 
-def model_shapes(job: Job):
-    from pipeline.training.flops import ModelShape
-
-    p = PRESETS[job.preset]
-    return (ModelShape(p["teacher_layers"], p["hidden"], p["ffn"], p["vocab"]),
-            ModelShape(p["student_layers"], p["hidden"], p["ffn"], p["vocab"]))
-
-
 def _mask_labels(ids, attention_mask, gen, mask_id=103, rate=0.15):
     import torch
 
@@ -206,7 +198,7 @@ def run_job(job: Job) -> dict:
     """Time `job.steps` steps after `job.warmup`, in this process. Returns tokens/s, step time, MFU, peak memory."""
     import torch
 
-    from pipeline.training.flops import H100_MEASURED_BF16, step_flops
+    from pipeline.training.flops import H100_MEASURED_BF16, model_shape, step_flops
 
     device = torch.device(job.device)
     torch.manual_seed(job.seed)
@@ -234,7 +226,7 @@ def run_job(job: Job) -> dict:
         raise RuntimeError(f"{job.variant}: non-finite loss")
     timed = batches[job.warmup:]
     real_tokens = sum(int(b["attention_mask"].sum()) for b in timed)
-    shape_t, shape_s = model_shapes(job)
+    shape_t, shape_s = model_shape(teacher.hf.config), model_shape(student.hf.config)
     # the FLOPs of the model's work on the real tokens, at this sequence length (padding is not work)
     flops = step_flops(shape_t, shape_s, job.seq_len, real_tokens, kd_rows_fraction=1.0)["total"]
     out = {**asdict(job), "tokens": real_tokens,

@@ -184,11 +184,17 @@ class BackendEncoder:
                     f"check that every process uses the same tokenizers version")
 
 
+def _single_threaded() -> None:
+    """Keep this process's tokenizer on one core (data-prep workers are one process per core). Must run before
+    the Rust thread pool is first used in the process."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+
+
 def worker_tokenizer(spec: tuple, threads: bool):
     """Rebuild a tokenizer in a worker process from `TextTokenizer.worker_spec()`."""
     if not threads:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        os.environ.setdefault("RAYON_NUM_THREADS", "1")
+        _single_threaded()
     if spec[0] == "backend":
         return BackendEncoder(*spec[1:])
     return load_tokenizer(spec[1], threads=threads)
@@ -252,9 +258,7 @@ def load_tokenizer(name_or_path: str, threads: bool = True) -> TextTokenizer:
     `threads=False` keeps the tokenizer on one core (data-prep workers are one process per core).
     """
     if not threads:
-        # Must be set before the Rust thread pool is first used in this process.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        os.environ.setdefault("RAYON_NUM_THREADS", "1")
+        _single_threaded()
     if name_or_path.endswith(".model"):
         if not os.path.isfile(name_or_path):
             raise TokenizerLoadError(f"SentencePiece model file not found: {name_or_path}")
@@ -359,8 +363,7 @@ def load_prep_tokenizer(name_or_path: str, threads: bool = True):
     its identity-cache entry when there is one (see above). A cache that cannot be read or written is
     ignored: it only ever saves time."""
     if not threads:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        os.environ.setdefault("RAYON_NUM_THREADS", "1")
+        _single_threaded()
     if name_or_path.endswith(".model") or not os.path.isdir(name_or_path):
         return load_tokenizer(name_or_path, threads=threads)
     key = _identity_key(name_or_path)

@@ -15,7 +15,9 @@ batch: each step's examples are dealt out over the ranks, each rank's mean loss 
 DeepSpeed's gradient average then equals the gradient of the whole batch's mean loss (a rank left without an
 example runs one with weight 0). Evaluation is sharded over the ranks and gathered, so every rank takes the
 same early-stopping decision; rank 0 logs, writes TensorBoard and saves. With dropout off, 2 ranks reproduce
-the single-process run (tests/evaluation/test_finetune_deepspeed.py). Early stopping watches validation accuracy by default (`metric="macro_f1"` for imbalanced
+the single-process run (tests/evaluation/test_finetune_deepspeed.py).
+
+Early stopping watches validation accuracy by default (`metric="macro_f1"` for imbalanced
 label sets); an epoch is better if it raises the metric, or ties it with a lower validation loss (small
 validation sets often tie at 100%); `patience` epochs in a row that are not better stop the run. The best
 weights are kept in memory, put back at the end, saved, and reported on test (on validation when there is no
@@ -38,6 +40,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from pipeline.training.distributed import barrier
+from pipeline.training.ds_config import zero_stage
 
 from .classify_data import ClassificationData, Split, load_classification_data
 from .report import classification_report, format_report
@@ -182,9 +187,7 @@ class _Ranks:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+            barrier()
 
 
 def rank_share(items: list, rank: int, world: int) -> tuple[list, float]:
@@ -268,13 +271,13 @@ def deepspeed_config(cfg: "FinetuneConfig", world: int) -> dict:
         if ds.get(key, {}).get("enabled"):
             problems.append(f'"{key}.enabled": fine-tuning keeps fp32 weights (the forward runs under bf16 autocast '
                             f"on GPU); use an fp32 config such as ds_configs/zero1_fp32.json")
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(ds)
     if stage > 2:
         problems.append(f'"zero_optimization.stage" {stage}: fine-tuning supports ZeRO stages 0-2 (the student is '
                         f"small; its evaluation runs the ranks on different batches, which ZeRO-3 cannot)")
     for key, value in want.items():
         given = ds.get(key, "auto")
-        if given != "auto" and given != value and not (key == "gradient_clipping" and float(given) == value):
+        if given != "auto" and given != value:
             problems.append(f'"{key}" is {given!r} but the fine-tuning settings give {value!r} (--batch-size '
                             f'{cfg.batch_size} over {world} rank(s)); set it to "auto" or leave it out')
         ds[key] = value
@@ -389,7 +392,7 @@ def finetune(cfg: FinetuneConfig, data: ClassificationData | None = None) -> dic
               else _TorchEngine(model, cfg, total_steps))
     model = runner.module
     say("[finetune] engine %s: %d rank(s) on %s, %d examples per step%s", engine_name, ranks.world, device.type,
-        cfg.batch_size, f", ZeRO stage {ds['zero_optimization'].get('stage', 0)}" if ds else "")
+        cfg.batch_size, f", ZeRO stage {zero_stage(ds)}" if ds else "")
     if ranks.is_main:
         os.makedirs(cfg.output, exist_ok=True)
     tb_dir = os.path.join(cfg.output, "tensorboard") if cfg.tensorboard_dir is None else cfg.tensorboard_dir
@@ -491,7 +494,7 @@ def finetune(cfg: FinetuneConfig, data: ClassificationData | None = None) -> dic
         "device": str(device),
         "engine": engine_name,
         "ranks": ranks.world,
-        "zero_stage": int(ds["zero_optimization"].get("stage", 0)) if ds else None,
+        "zero_stage": zero_stage(ds) if ds else None,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "early_stopping_metric": f"valid_{cfg.metric}",
         "best_epoch": best_epoch,

@@ -46,16 +46,15 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
     right-padded document gets 0..len-1), `index` [T] (flat positions in the B x L batch, row-major),
     cu_seqlens [N + 1] int32 and max_len (an int: one host sync). Rows without any real token are left out
     (they would be zero-length documents)."""
-    B, L = input_ids.shape
+    L = input_ids.shape[1]
     mask = attention_mask.bool()
     lengths = mask.sum(1)
     index = mask.reshape(-1).nonzero().squeeze(1)
-    positions = torch.arange(L, device=input_ids.device).expand(B, L).reshape(-1)
     lengths = lengths[lengths > 0]
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=input_ids.device)
     cu[1:] = lengths.cumsum(0)
     return {"input_ids": input_ids.reshape(-1)[index].unsqueeze(0),
-            "position_ids": positions[index].unsqueeze(0), "index": index, "cu_seqlens": cu,
+            "position_ids": (index % L).unsqueeze(0), "index": index, "cu_seqlens": cu,
             "max_len": int(lengths.max()) if lengths.numel() else 0}
 
 

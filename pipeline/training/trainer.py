@@ -202,7 +202,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                 model.enable_unpadding()
         from pipeline.models.varlen import describe
 
-        paths = describe(dist.device, precision(ds), tdtype if teacher is not None else None, s.attention_dropout)
+        paths = describe(dist.device, prec, tdtype if teacher is not None else None, s.attention_dropout)
         log(f"document mode: batches run unpadded ({paths})")
     if s.activation_checkpointing:
         student.enable_activation_checkpointing()
