@@ -1,11 +1,17 @@
 """Optimisers and the learning-rate schedule, built from the recipe (DeepSpeed's own sections are not used).
 
-On GPU: DeepSpeed's fused CUDA Adam/LAMB; with ZeRO-Offload: DeepSpeedCPUAdam; on CPU: torch's AdamW and the LAMB
-below (DeepSpeed's fused kernels need CUDA).
+On GPU: torch's fused CUDA AdamW (one kernel over all tensors, nothing to compile) and DeepSpeed's fused LAMB; with
+ZeRO-Offload: DeepSpeedCPUAdam; on CPU: torch's AdamW and the LAMB below (DeepSpeed's fused kernels need CUDA).
+
+DeepSpeed's ops (FusedLamb, DeepSpeedCPUAdam) compile with nvcc on first use; `_deepspeed_op_build` keeps an
+architecture-specific TORCH_CUDA_ARCH_LIST entry ("9.0a", set by some Hopper images) from breaking that build.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
 
 import torch
 
@@ -61,20 +67,41 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
+def buildable_arch_list(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST with architecture-specific entries ("9.0a", "10.0f") turned into their base
+    architecture ("9.0"): DeepSpeed's JIT builder parses each entry as numbers and raises on the letter. Other
+    entries ("8.0", "9.0+PTX") are kept; so is the separator style."""
+    return re.sub(r"(\d+\.\d+)[a-z](?=\+PTX|[;\s]|$)", r"\1", arch_list)
+
+
+@contextlib.contextmanager
+def _deepspeed_op_build():
+    """Around the construction of a DeepSpeed op that may JIT-compile: a TORCH_CUDA_ARCH_LIST it can parse."""
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if old is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = buildable_arch_list(old)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, *, on_gpu: bool, offload: bool):
     groups = param_groups(model, cfg.weight_decay)
     betas = tuple(cfg.betas)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
-        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, adamw_mode=True)
+        with _deepspeed_op_build():
+            return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, adamw_mode=True)
     if cfg.name == "adamw":
-        if on_gpu:
-            from deepspeed.ops.adam import FusedAdam
-            return FusedAdam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, adam_w_mode=True)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=True)
+        # on GPU the fused kernel: DeepSpeed's FusedAdam does the same update but needs an nvcc build per node
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps,
+                                 **({"fused": True} if on_gpu else {"foreach": True}))
     if on_gpu:
         from deepspeed.ops.lamb import FusedLamb
-        return FusedLamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+        with _deepspeed_op_build():
+            return FusedLamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
 
 

@@ -1,5 +1,6 @@
 """Learning-rate schedule, parameter groups and the CPU LAMB against hand computations."""
 import math
+import os
 
 import pytest
 import torch
@@ -57,3 +58,25 @@ def test_lamb_trust_ratio_is_one_for_zero_weights():
     opt.step()
     assert torch.allclose(p.detach(), -0.5 * torch.sign(torch.tensor([1.0, -1.0, 2.0])), atol=1e-5)
     assert not math.isnan(p.sum().item())
+
+
+def test_arch_list_entries_deepspeed_cannot_parse_become_their_base_architecture():
+    from pipeline.training.optim import buildable_arch_list
+
+    assert buildable_arch_list("9.0a") == "9.0"
+    assert buildable_arch_list("8.0;9.0a;10.0f+PTX") == "8.0;9.0;10.0+PTX"
+    assert buildable_arch_list("7.5 8.6 9.0+PTX") == "7.5 8.6 9.0+PTX"
+    assert buildable_arch_list("9.0a 12.0a") == "9.0 12.0"
+
+
+def test_the_op_build_environment_is_restored(monkeypatch):
+    from pipeline.training.optim import _deepspeed_op_build
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    with _deepspeed_op_build():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0a"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    with _deepspeed_op_build():
+        assert "TORCH_CUDA_ARCH_LIST" not in os.environ
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ
