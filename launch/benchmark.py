@@ -47,6 +47,12 @@ def main(argv=None) -> int:
     p.add_argument("--document", action="store_true",
                    help="also time our step on the reference's padded document batches, unpadded (data.unpad) and "
                         "padded")
+    p.add_argument("--eager-loss", action="store_true",
+                   help="also time our step with the chunked loss's softmax math eager (loss.compile_chunks=false; "
+                        "it is compiled on GPU by default)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the timed steps of round 1, profile 3 more steps of each variant with torch.profiler "
+                        "and write where the time goes to DIR/profile_<variant>_<seq>.txt")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     preset = args.preset or ("bert-base" if args.device == "cuda" else "cpu-small")
@@ -62,12 +68,16 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     results, summary = [], []
-    variants = ("reference", "ours") + (("ours_document", "ours_document_padded") if args.document else ())
+    variants = (("reference", "ours") + (("ours_eager_loss",) if args.eager_loss else ())
+                + (("ours_document", "ours_document_padded") if args.document else ()))
     jobs = [(L, v, r) for L in args.seq_lens for r in range(args.rounds) for v in variants]
-    for L, variant, _ in tqdm(jobs, desc="benchmark", unit="run", file=sys.stderr):
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    for L, variant, r in tqdm(jobs, desc="benchmark", unit="run", file=sys.stderr):
+        prof = os.path.join(args.profile, f"profile_{variant}_{L}.txt") if args.profile and r == 0 else None
         job = Job(variant=variant, preset=preset, seq_len=L, micro=args.micro or PRESETS[preset]["micro"][L],
                   steps=steps, warmup=warmup, device=args.device, data=data, chunk_size=chunk,
-                  compile=args.compile)
+                  compile=args.compile, profile=prof)
         results.append(in_subprocess("step", job.__dict__))
     mem_key = "peak_memory_gib" if args.device == "cuda" else "peak_rss_gib"
     print(f"\n{preset} on {args.device}, median of {args.rounds} rounds, {steps} timed steps each")
@@ -87,6 +97,10 @@ def main(argv=None) -> int:
         row["ratio_tokens_per_s"] = row["ours"]["tokens_per_s"] / row["reference"]["tokens_per_s"]
         print(f"{L:>5} {'ours/ref':>20} {'':>5} {row['ratio_tokens_per_s']:>11.2f}x   "
               f"(reference batches {row['reference']['pad_fraction']:.0%} padding)")
+        if args.eager_loss:
+            row["ratio_compiled_over_eager_loss"] = (row["ours"]["tokens_per_s"]
+                                                     / row["ours_eager_loss"]["tokens_per_s"])
+            print(f"{L:>5} {'ours/ours_eager_loss':>20} {'':>5} {row['ratio_compiled_over_eager_loss']:>11.2f}x")
         if args.document:
             row["ratio_document_tokens_per_s"] = row["ours_document"]["tokens_per_s"] / row["reference"]["tokens_per_s"]
             row["ratio_unpad_over_padded"] = (row["ours_document"]["tokens_per_s"]
@@ -101,11 +115,13 @@ def main(argv=None) -> int:
     hidden, vocab = PRESETS[preset]["hidden"], PRESETS[preset]["vocab"]
     mem = {v: in_subprocess("loss", {"variant": v, "rows": rows, "hidden": hidden, "vocab": vocab,
                                      "device": args.device, "chunk_size": chunk})
-           for v in ("plain", "chunked")}
+           for v in ("plain", "chunked") + (("chunked_compiled",) if args.device == "cuda" else ())}
     mem_ratio = mem["chunked"]["peak_extra_gib"] / max(mem["plain"]["peak_extra_gib"], 1e-9)
     print(f"\nKD + MLM loss alone, {rows} rows x {vocab} vocabulary, forward + backward: plain "
           f"{mem['plain']['peak_extra_gib']:.2f} GiB, chunked ({chunk} rows) "
-          f"{mem['chunked']['peak_extra_gib']:.2f} GiB: {mem_ratio:.2f}x")
+          f"{mem['chunked']['peak_extra_gib']:.2f} GiB: {mem_ratio:.2f}x"
+          + (f"; chunked, compiled {mem['chunked_compiled']['peak_extra_gib']:.2f} GiB" if "chunked_compiled" in mem
+             else ""))
     out = args.output or os.path.join(ROOT, "benchmarks", "results", f"step_speed_{args.device}_{preset}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

@@ -13,7 +13,7 @@ The reference step has the original DistilBERT scripts' semantics, written here 
 Ours is the trainer's own step (`pipeline/training/step.py` forward_losses, a DeepSpeed engine, the optimizer
 `build_optimizer` picks): packed sequences without padding or attention mask (SDPA's fused kernels), the teacher
 under inference mode (bf16 on GPU), the fused chunked KD + MLM loss (`loss.chunk_size`), DeepSpeed bf16 with fp32
-master weights and FusedAdam on GPU.
+master weights and torch's fused AdamW on GPU.
 
 With `--document` (launch/benchmark.py), ours also runs on the reference's own padded document batches
 (`data.mode=document`): `ours_document` unpadded (`data.unpad`, the default: pipeline/models/varlen.py) and
@@ -51,7 +51,7 @@ PRESETS = {
 
 @dataclass
 class Job:
-    variant: str            # reference | ours | ours_plain_loss | ours_document | ours_document_padded
+    variant: str            # reference | ours | ours_plain_loss | ours_eager_loss | ours_document | ours_document_padded
     preset: str
     seq_len: int
     micro: int
@@ -62,6 +62,7 @@ class Job:
     chunk_size: int = 1024
     seed: int = 0
     compile: bool = False
+    profile: str | None = None   # a file: after the timed steps, 3 more under torch.profiler, its tables written there
 
 
 def doc_lengths(data: str | None, seed: int, n: int) -> np.ndarray:
@@ -177,13 +178,20 @@ def our_step_fn(job: Job, teacher, student, device):
     opt = build_optimizer(student, OptimizerConfig(), on_gpu=on_gpu, offload=False)
     engine, *_ = deepspeed.initialize(model=student, optimizer=opt, config=ds)
     if job.variant == "ours_document":  # the reference's padded document batches, run unpadded (data.unpad)
-        teacher.enable_unpadding()
-        engine.module.enable_unpadding()
+        from pipeline.models import varlen
+
+        half = torch.bfloat16 if on_gpu else torch.float32
+        attention = {"student": varlen.enable(engine.module, device, half,
+                                              engine.module.hf.config.attention_dropout),
+                     "teacher": varlen.enable(teacher, device, half, 0.0)}
+    else:
+        attention = None
     if job.compile:
         engine.compile()
         teacher.hf.bert.encoder = torch.compile(teacher.hf.bert.encoder)
     loss_cfg = LossConfig(kd=5.0, mlm=2.0, cos=1.0, kd_tokens="all",
-                          chunk_size=0 if job.variant == "ours_plain_loss" else job.chunk_size)
+                          chunk_size=0 if job.variant == "ours_plain_loss" else job.chunk_size,
+                          compile_chunks=job.variant != "ours_eager_loss")
 
     def step(batch):
         terms, _ = forward_losses(engine, teacher, batch, loss_cfg)
@@ -191,6 +199,7 @@ def our_step_fn(job: Job, teacher, student, device):
         engine.step()
         return terms.total
 
+    step.attention = attention  # the document variants: which attention path each model takes
     return step
 
 
@@ -224,6 +233,9 @@ def run_job(job: Job) -> dict:
     elapsed = time.perf_counter() - t0
     if not torch.isfinite(loss.detach()).item():
         raise RuntimeError(f"{job.variant}: non-finite loss")
+    if job.profile:
+        profile_steps(step, batches[job.warmup:job.warmup + 3], device, job.profile,
+                      f"{job.variant}, {job.preset}, seq {job.seq_len}, micro {job.micro}")
     timed = batches[job.warmup:]
     real_tokens = sum(int(b["attention_mask"].sum()) for b in timed)
     shape_t, shape_s = model_shape(teacher.hf.config), model_shape(student.hf.config)
@@ -232,7 +244,7 @@ def run_job(job: Job) -> dict:
     out = {**asdict(job), "tokens": real_tokens,
            "padded_tokens": sum(b["attention_mask"].numel() for b in timed),
            "seconds": elapsed, "tokens_per_s": real_tokens / elapsed, "step_s": elapsed / job.steps,
-           "model_tflops_per_s": flops / elapsed / 1e12}
+           "model_tflops_per_s": flops / elapsed / 1e12, "attention": getattr(step, "attention", None)}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         out["gpu"] = torch.cuda.get_device_name()
@@ -241,6 +253,40 @@ def run_job(job: Job) -> dict:
         out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
         out["rss_before_timing_gib"] = rss_before / 2 ** 30
     return out
+
+
+def profile_steps(step, batches, device, path: str, title: str) -> None:
+    """Run `batches` through `step` under torch.profiler and write where the time goes to `path`: wall time per
+    step against the device's busy time (a step far longer than its kernels waits on the host: launches, syncs,
+    Python), then the operators by self device time and by self host time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    if on_gpu:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for b in batches:
+            step(b)
+        if on_gpu:
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / len(batches)
+    events = prof.key_averages()
+    dev_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    # the kernels' own time (operator rows repeat their kernels' time, so only device-side rows count)
+    busy = sum(getattr(e, dev_attr) for e in events if str(e.device_type).endswith("CUDA")) / 1e6 / len(batches) \
+        if on_gpu else None
+    lines = [f"# {title}: {len(batches)} steps under torch.profiler",
+             f"wall per step {wall * 1e3:.1f} ms" + (f"; device busy per step {busy * 1e3:.1f} ms "
+                                                     f"({100 * busy / wall:.0f}%)" if on_gpu else "")]
+    if on_gpu:
+        lines += ["", "## by self device time", events.table(sort_by=dev_attr, row_limit=30, max_name_column_width=70)]
+    lines += ["", "## by self host time", events.table(sort_by="self_cpu_time_total", row_limit=30,
+                                                        max_name_column_width=70)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def loss_memory(variant: str, rows: int, hidden: int, vocab: int, device: str, chunk_size: int = 4096,
@@ -270,20 +316,33 @@ def loss_memory(variant: str, rows: int, hidden: int, vocab: int, device: str, c
     else:
         base = _rss_bytes()
     t0 = time.perf_counter()
-    if variant == "plain":
-        s_logits = torch.nn.functional.linear(xs, ws, bs)
-        with torch.no_grad():
-            t_logits = torch.nn.functional.linear(xt, wt, bt)
-        loss = 5.0 * kd_loss(s_logits, t_logits, 2.0) + 2.0 * mlm_loss(s_logits, labels)
-    else:
-        kd, mlm, _ = chunked_kd_loss(xs, xt, ws, bs, wt, bt, 2.0, labels, chunk_size, kd_weight=5.0, mlm_weight=2.0)
-        loss = 5.0 * kd + 2.0 * mlm
+
+    def run():
+        if variant == "plain":
+            s_logits = torch.nn.functional.linear(xs, ws, bs)
+            with torch.no_grad():
+                t_logits = torch.nn.functional.linear(xt, wt, bt)
+            return 5.0 * kd_loss(s_logits, t_logits, 2.0) + 2.0 * mlm_loss(s_logits, labels)
+        kd, mlm, _ = chunked_kd_loss(xs, xt, ws, bs, wt, bt, 2.0, labels, chunk_size, kd_weight=5.0, mlm_weight=2.0,
+                                     compiled=variant == "chunked_compiled")
+        return 5.0 * kd + 2.0 * mlm
+
+    if variant == "chunked_compiled":  # compile first, outside the measurement
+        run().backward()
+        xs.grad = ws.grad = bs.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+    loss = run()
     loss.backward()
     if dev.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        # the process's high-water mark over the RSS before: meaningful in the fresh process the benchmark runs
+        # this in; in a process that peaked earlier it can read a page or two below zero (statm vs rusage)
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
     return {"variant": variant, "rows": rows, "vocab": vocab, "chunk_size": chunk_size, "device": device,
             "peak_extra_gib": peak / 2 ** 30, "seconds": time.perf_counter() - t0}
 

@@ -95,7 +95,8 @@ def _chunked_forward_losses(engine, teacher, batch, rows, loss_cfg, eval_stats):
     def head(s_transformed, weight, bias):
         return chunked_kd_loss(s_transformed, t_transformed, weight, bias, teacher.decoder_weight,
                                teacher.decoder_bias, loss_cfg.temperature, labels, loss_cfg.chunk_size,
-                               kd_weight=loss_cfg.kd, mlm_weight=loss_cfg.mlm)
+                               kd_weight=loss_cfg.kd, mlm_weight=loss_cfg.mlm,
+                               compiled=loss_cfg.compile_chunks and s_transformed.is_cuda)
 
     s_hidden, (kd, mlm, cstats) = engine(batch["input_ids"], am, rows, head=head)
     terms = LossTerms(total=loss_cfg.kd * kd, kd=kd)  # fp32 (fp64 for an fp64 model)

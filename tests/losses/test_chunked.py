@@ -232,3 +232,29 @@ def test_bad_arguments_are_refused():
         chunked_kd_loss(*ts, 0.0, labels, 4)
     with pytest.raises(ValueError, match="labels"):
         chunked_kd_loss(*ts, 2.0, labels[:3], 4)
+
+
+@pytest.mark.parametrize("chunk", [7, N + 9])
+def test_the_compiled_path_computes_the_same_loss_gradients_and_stats(chunk, monkeypatch):
+    """`compiled=True` routes each chunk through `_fused_chunk` (torch.compile'd on GPU). Here it runs eagerly
+    (compiling on CPU needs a C++ toolchain and minutes): the same values as the in-place loop, fp32."""
+    import pipeline.losses.chunked as chunked
+
+    used = []
+    monkeypatch.setattr(chunked, "_fused_chunk_fn", lambda compiled: used.append(compiled) or chunked._fused_chunk)
+    ts, labels = _case(torch.float32)
+    results = []
+    for compiled in (False, True):
+        xs, xt, ws, bs, wt, bt = _leaves(ts)
+        kd, mlm, stats = chunked_kd_loss(xs, xt, ws, bs, wt, bt, 2.0, labels, chunk, kd_weight=5.0, mlm_weight=2.0,
+                                         compiled=compiled)
+        (0.5 * (5 * kd + 2 * mlm)).backward()
+        results.append((kd, mlm, stats, xs.grad, ws.grad, bs.grad))
+    assert used == [True]
+    (kd0, mlm0, st0, *g0), (kd1, mlm1, st1, *g1) = results
+    torch.testing.assert_close(kd1, kd0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mlm1, mlm0, rtol=1e-6, atol=1e-7)
+    for k in STAT_KEYS:
+        torch.testing.assert_close(st1[k], st0[k], rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

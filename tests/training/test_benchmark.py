@@ -46,7 +46,7 @@ def test_benchmark_command_end_to_end(tmp_path, sample_data):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "benchmark.py"), "--preset", "tiny", "--seq-lens", "32",
                            "--rounds", "1", "--steps", "2", "--warmup", "1", "--data", sample_data, "--output", str(out),
-                           "--document"],
+                           "--document", "--profile", str(tmp_path / "prof")],
                           capture_output=True, text=True, timeout=600, cwd=str(ROOT),
                           env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -65,3 +65,8 @@ def test_benchmark_command_end_to_end(tmp_path, sample_data):
     assert row["ratio_unpad_over_padded"] == pytest.approx(row["ours_document"]["tokens_per_s"]
                                                            / row["ours_document_padded"]["tokens_per_s"])
     assert "unpadded / padded document batches" in proc.stdout
+    # --profile: where each variant's time goes, from torch.profiler
+    for v in ("reference", "ours", "ours_document", "ours_document_padded"):
+        text = (tmp_path / "prof" / f"profile_{v}_32.txt").read_text()
+        assert text.startswith(f"# {v}, tiny, seq 32, micro 2: 2 steps under torch.profiler")
+        assert "## by self host time" in text and "aten::" in text
