@@ -19,6 +19,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Data preparation does no linear algebra. numpy's BLAS thread pool would only make this process multi-threaded,
+# and prepare() forks its workers only from a single-threaded process (pipeline/data_prep/prepare.py _pool_context).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 from pipeline.data.prepared import DatasetError  # noqa: E402
 from pipeline.data_prep.prepare import PrepareConfig, PrepareError, array_task_from_env, join, prepare  # noqa: E402

@@ -33,6 +33,14 @@ def decode(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
+def needs_no_cleaning(text: str, max_doc_chars: int) -> bool:
+    """True when `clean` would return `[text]` unchanged with no repair (valid UTF-8 given): no control
+    character, no U+FFFD, not empty or whitespace-only, not too long. The workers' per-document fast path: most
+    documents are like this, and the test compares it with `clean` on every kind of text."""
+    return (len(text) <= max_doc_chars and _CONTROL.search(text) is None and _REPLACEMENT not in text
+            and not text.isspace() and text != "")
+
+
 def clean(text: str, cfg: CleanConfig, utf8_repaired: bool = False) -> tuple[list[str], str | None, list[str]]:
     """Returns (pieces, dropped_reason, repairs). `pieces` is empty when the document is dropped."""
     repairs = ["invalid_utf8"] if utf8_repaired else []

@@ -591,3 +591,20 @@ def test_split_long_rules():
         assert all(0 < len(p) <= m and not p.isspace() for p in pieces)
         # nothing but whitespace-only pieces is lost, and order is kept
         assert "".join(pieces).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
+
+
+@pytest.mark.parametrize("text", ["plain text", "", " \n\t ", "tab\tand\nnewline\r\n", "nul\x00inside", "bell\x07",
+                                  "del\x7f", "replacement \ufffd char", "x" * 50, "y" * 51, "café 日本語 🙂",
+                                  "\x0b vertical tab", "\u2028 line separator", "\x85 next line"])
+def test_the_fast_path_agrees_with_clean(text):
+    """The workers skip clean() for documents needs_no_cleaning() accepts: those must be exactly the ones clean()
+    returns unchanged with no repair. It may send a few of those to clean() anyway (a lone U+FFFD is kept by
+    clean, below its junk threshold), but never accept one that clean() would change, drop or count."""
+    from pipeline.data_prep.cleaning import needs_no_cleaning
+
+    pieces, reason, repairs = clean(text, CleanConfig(max_doc_chars=50))
+    unchanged = pieces == [text] and reason is None and repairs == []
+    if needs_no_cleaning(text, 50):
+        assert unchanged
+    else:
+        assert not unchanged or "\ufffd" in text

@@ -131,6 +131,37 @@ def test_output_identical_for_any_worker_count(tmp_path, mixed_inputs, wordpiece
         assert validate(str(tmp_path / name)) == []
 
 
+def test_workers_fork_from_a_single_threaded_process_and_start_clean(tmp_path, mixed_inputs, wordpiece_dir):
+    """prepare() forks its workers when its process has one thread (the CLI's case), else spawns them (native
+    threads count: an inline run's tokenizer leaves some). A forked worker must not inherit this process's
+    inline-run state: here it holds a stale one, and the dataset must still equal the one made from scratch."""
+    code = f"""
+import json, os, sys, threading
+sys.path.insert(0, {str(ROOT)!r})
+from pipeline.data_prep import prepare as P
+inputs = {[str(i) for i in mixed_inputs]!r}
+second = P.PrepareConfig(inputs=inputs[1:], output=sys.argv[1] + "/b", tokenizer={wordpiece_dir!r}, unit_mb=0.03,
+                         valid_fraction=0.1, progress=False, workers=2)
+P._WORKER = "the state of an earlier inline run"
+methods = [P._pool_context().get_start_method()]
+P.prepare(second)
+t = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True)
+t.start()
+methods.append(P._pool_context().get_start_method())
+print(json.dumps(methods))
+"""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    methods = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("no /proc: workers are always spawned here")
+    assert methods == ["fork", "spawn"]
+    prepare(cfg(mixed_inputs[1:], tmp_path / "ref", wordpiece_dir, 0.03, workers=1))
+    assert_same_dataset(tmp_path / "ref", tmp_path / "b")
+
+
 # -- byte ranges -------------------------------------------------------------------------------------------------
 
 EXTRAS = ["café", "日本語のテキスト", "Ångström 🙂", "naïve — «quoted»"]
