@@ -89,12 +89,22 @@ _compiled: dict = {}
 
 
 def _fused_chunk_fn(compiled: bool):
-    """`_fused_chunk`, through torch.compile when asked (once per process; dynamic row count for the last chunk)."""
+    """`_fused_chunk`, through torch.compile when asked (once per process; dynamic row count for the last chunk).
+    None once compiling it has failed here: the caller then runs its eager loop."""
     if not compiled:
         return _fused_chunk
     if "fn" not in _compiled:
         _compiled["fn"] = torch.compile(_fused_chunk, dynamic=True, fullgraph=True)
     return _compiled["fn"]
+
+
+def _compile_failed(e: Exception) -> None:
+    """A compiler that fails here (no Triton, an unsupported GPU, a PyTorch bug) costs speed, not the run."""
+    import warnings
+
+    warnings.warn(f"loss.compile_chunks: torch.compile of the chunked loss failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the eager chunk loop", stacklevel=3)
+    _compiled["fn"] = None
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -127,8 +137,15 @@ class _ChunkedKD(torch.autograd.Function):
             rows = slice(start, min(start + chunk_size, n))
             x = xs[rows]
             if fast is not None:
-                g, g_cols, kl, ce, cnt = fast(F.linear(x, ws, bs), F.linear(xt[rows], wt, bt), labels[rows], T,
-                                              kd_scale_t, inv_m * mlm_weight, ws.dtype)
+                try:
+                    g, g_cols, kl, ce, cnt = fast(F.linear(x, ws, bs), F.linear(xt[rows], wt, bt), labels[rows], T,
+                                                  kd_scale_t, inv_m * mlm_weight, ws.dtype)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as e:  # the call has no side effects: this chunk and the rest run eagerly
+                    _compile_failed(e)
+                    fast = None
+            if fast is not None:
                 kd_sum += kl
                 ce_sums += ce
                 counts += cnt

@@ -258,3 +258,31 @@ def test_the_compiled_path_computes_the_same_loss_gradients_and_stats(chunk, mon
         torch.testing.assert_close(st1[k], st0[k], rtol=1e-6, atol=1e-6)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiler_that_fails_falls_back_to_the_eager_loop(monkeypatch):
+    """torch.compile failing on the first chunk (no Triton, say) warns once and the loss is the eager one."""
+    import pipeline.losses.chunked as chunked
+
+    def broken(*a):
+        raise RuntimeError("triton not found")
+
+    monkeypatch.setattr(chunked, "_compiled", {"fn": broken})
+    ts, labels = _case(torch.float32)
+    out = []
+    for compiled in (True, True, False):
+        xs, xt, ws, bs, wt, bt = _leaves(ts)
+        if compiled and not out:
+            with pytest.warns(UserWarning, match="compile_chunks.*triton not found.*eager"):
+                kd, mlm, _ = chunked_kd_loss(xs, xt, ws, bs, wt, bt, 2.0, labels, 7, kd_weight=5.0, mlm_weight=2.0,
+                                             compiled=True)
+        else:
+            kd, mlm, _ = chunked_kd_loss(xs, xt, ws, bs, wt, bt, 2.0, labels, 7, kd_weight=5.0, mlm_weight=2.0,
+                                         compiled=compiled)
+        (5 * kd + 2 * mlm).backward()
+        out.append((kd.detach(), mlm.detach(), xs.grad, ws.grad, bs.grad))
+    assert chunked._compiled["fn"] is None  # not tried again
+    for a, b in zip(out[0], out[2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(out[1], out[2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

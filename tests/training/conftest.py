@@ -96,3 +96,18 @@ def metrics(run_dir, kind="train") -> dict[int, dict]:
             if r["kind"] == kind:
                 rows[r["step"]] = r
     return rows
+
+
+def final_checkpoint(run_dir, step) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step{step:08d}")
+
+
+def seen_samples(run_dir) -> dict[int, list[int]]:
+    """The dataset positions each step trained on, over all ranks (logging.sample_ids=true)."""
+    by_step: dict = {}
+    for f in glob.glob(os.path.join(str(run_dir), "samples.rank*.jsonl")):
+        for line in open(f):
+            r = json.loads(line)
+            by_step.setdefault(r["step"], []).extend(r["positions"])
+    return {s: sorted(v) for s, v in by_step.items()}
+

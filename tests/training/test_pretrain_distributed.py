@@ -15,13 +15,10 @@ import sys
 import pytest
 import torch
 
-from tests.training.conftest import metrics, pretrain
+from tests.training.conftest import final_checkpoint as _final
+from tests.training.conftest import metrics, pretrain, seen_samples
 
 pytestmark = pytest.mark.integration
-
-
-def _final(run_dir, step):
-    return os.path.join(run_dir, "checkpoints", f"step{step:08d}")
 
 
 def _fp32(ckpt):
@@ -127,15 +124,7 @@ def test_resume_on_one_rank_continues_the_same_stream_zero3(tmp_path, tiny_teach
     proc = pretrain(split, tiny_teacher, sample_data, *common, ranks=1, ds="zero3_fp32.json")
     assert "world size 2 -> 1, universal checkpoint" in proc.stdout
 
-    def seen(run):
-        by_step = {}
-        for f in glob.glob(str(run / "samples.rank*.jsonl")):
-            for line in open(f):
-                r = json.loads(line)
-                by_step.setdefault(r["step"], []).extend(r["positions"])
-        return {s: sorted(v) for s, v in by_step.items()}
-
-    sw, ss = seen(whole), seen(split)
+    sw, ss = seen_samples(whole), seen_samples(split)
     assert sw == ss, "the resumed run must see exactly the samples of the uninterrupted one, step by step"
     assert sorted(p for v in ss.values() for p in v) == list(range(64))  # none skipped, none twice
 

@@ -7,32 +7,18 @@ held to the uninterrupted one's data stream exactly and to its losses within bf1
 CPU (tests/training/test_pretrain_distributed.py)."""
 from __future__ import annotations
 
-import glob
 import json
-import os
 
 import pytest
 import torch
 
-from tests.training.conftest import metrics, pretrain
+from tests.training.conftest import final_checkpoint as _final
+from tests.training.conftest import metrics, pretrain, seen_samples
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 GPU = ["teacher.dtype=bf16", "data.num_workers=2"]
-
-
-def _final(run_dir, step):
-    return os.path.join(run_dir, "checkpoints", f"step{step:08d}")
-
-
-def _seen(run):
-    by_step = {}
-    for f in glob.glob(str(run / "samples.rank*.jsonl")):
-        for line in open(f):
-            r = json.loads(line)
-            by_step.setdefault(r["step"], []).extend(r["positions"])
-    return {s: sorted(v) for s, v in by_step.items()}
 
 
 def test_one_gpu_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher, sample_data):
@@ -48,7 +34,7 @@ def test_one_gpu_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher, sample_
     proc = pretrain(split, tiny_teacher, sample_data, *common, ranks=1, ds="zero2_bf16.json", accelerator="cuda")
     assert "resumed from" in proc.stdout and "step 2, 32 samples" in proc.stdout
 
-    assert _seen(whole) == _seen(split), "the resumed run must see the uninterrupted one's samples, step by step"
+    assert seen_samples(whole) == seen_samples(split), "the resumed run must see the uninterrupted one's samples, step by step"
     ma, mb = metrics(whole), metrics(split)
     assert sorted(ma) == sorted(mb) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
