@@ -309,13 +309,6 @@ def loss_memory(variant: str, rows: int, hidden: int, vocab: int, device: str, c
     bt = torch.zeros(vocab, device=dev, dtype=dt)
     labels = torch.randint(0, vocab, (rows,), generator=g).to(dev)
     labels[torch.rand(rows, generator=g).to(dev) > 0.15] = -100
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes()
-    t0 = time.perf_counter()
 
     def run():
         if variant == "plain":
@@ -330,10 +323,13 @@ def loss_memory(variant: str, rows: int, hidden: int, vocab: int, device: str, c
     if variant == "chunked_compiled":  # compile first, outside the measurement
         run().backward()
         xs.grad = ws.grad = bs.grad = None
+    if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
+    else:
+        base = _rss_bytes()
+    t0 = time.perf_counter()
     loss = run()
     loss.backward()
     if dev.type == "cuda":

@@ -41,6 +41,17 @@ def needs_no_cleaning(text: str, max_doc_chars: int) -> bool:
             and not text.isspace() and text != "")
 
 
+def ready_text(payload: bytes | str, max_doc_chars: int) -> str | None:
+    """The document as text when it goes to the tokenizer as it is (valid UTF-8 that `needs_no_cleaning`), else
+    None: then `decode` and `clean` decide. The workers' fast path."""
+    if payload.__class__ is bytes:
+        try:
+            payload = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return payload if needs_no_cleaning(payload, max_doc_chars) else None
+
+
 def clean(text: str, cfg: CleanConfig, utf8_repaired: bool = False) -> tuple[list[str], str | None, list[str]]:
     """Returns (pieces, dropped_reason, repairs). `pieces` is empty when the document is dropped."""
     repairs = ["invalid_utf8"] if utf8_repaired else []

@@ -63,8 +63,9 @@ def _fused_chunk(s: Tensor, t: Tensor, lab: Tensor, T: float, kd_scale: Tensor, 
     math was about 45% of an H100 step). Same definitions as the eager loop below.
 
     s, t: student and teacher logits [c, V] (model dtype); lab: labels [c]; kd_scale: (T / rows) x kd_weight and
-    mlm_w: mlm_weight / labelled rows (0-d tensors). Returns (gradient w.r.t. s in out_dtype, its column sums in fp32 for the bias, the KL sum, the
-    student and teacher CE sums [2], counts [4]: masked, student correct, teacher correct, agree)."""
+    mlm_w: mlm_weight / labelled rows (0-d tensors). Returns (gradient w.r.t. s in out_dtype, its column sums in
+    fp32 for the bias, the KL sum, the student and teacher CE sums [2], counts [4]: masked, student correct,
+    teacher correct, agree)."""
     s, t = s.float(), t.float()
     msk = lab != -100
     y = lab.clamp_min(0).unsqueeze(1)
@@ -131,15 +132,15 @@ class _ChunkedKD(torch.autograd.Function):
             ce_sums = torch.zeros(2, dtype=cdt, device=xs.device)         # student, teacher CE on labelled rows
 
         fast = _fused_chunk_fn(compiled) if compiled and fused and grad and cdt == torch.float32 else None
-        if fast is not None:  # a tensor: a float that changes with n would make torch.compile recompile
-            kd_scale_t = torch.tensor(kd_scale, dtype=cdt, device=xs.device)
+        if fast is not None:  # tensors: a float that changes with n would make torch.compile recompile
+            kd_scale_t, mlm_w = torch.tensor(kd_scale, dtype=cdt, device=xs.device), inv_m * mlm_weight
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             x = xs[rows]
             if fast is not None:
                 try:
                     g, g_cols, kl, ce, cnt = fast(F.linear(x, ws, bs), F.linear(xt[rows], wt, bt), labels[rows], T,
-                                                  kd_scale_t, inv_m * mlm_weight, ws.dtype)
+                                                  kd_scale_t, mlm_w, ws.dtype)
                 except torch.cuda.OutOfMemoryError:
                     raise
                 except Exception as e:  # the call has no side effects: this chunk and the rest run eagerly

@@ -150,6 +150,10 @@ def _checked(key, check, what) -> bool:
     return _kernel_checked[key]
 
 
+def _tolerance(dtype: torch.dtype) -> float:
+    return 2e-2 if dtype == torch.bfloat16 else 5e-3
+
+
 def kernel_works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Once per (device, dtype, head size): the varlen kernel against the per-document path on a small random
     problem. False, with a warning, when it raises (a PyTorch build or GPU without it) or differs."""
@@ -157,7 +161,7 @@ def kernel_works(device: torch.device, dtype: torch.dtype, head_dim: int) -> boo
         q, k, v, cu, max_len, scale = _check_problem(device, dtype, head_dim)
         got = _kernel(q, k, v, cu, max_len, scale).float()
         err = (got - _per_document(q.float(), k.float(), v.float(), cu, 0.0, scale)).abs().max().item()
-        return err < (2e-2 if dtype == torch.bfloat16 else 5e-3), f"max difference {err:.3g} from the per-document path"
+        return err < _tolerance(dtype), f"max difference {err:.3g} from the per-document path"
 
     return _checked((str(device), dtype, head_dim), check, KERNEL)
 
@@ -167,27 +171,26 @@ def dropout_kernel_works(device: torch.device, dtype: torch.dtype, head_dim: int
     dropout 0 its output and gradients must match the per-document path in fp32; at dropout 0.5 two runs from
     the same RNG state must agree exactly and differ from dropout 0. The check restores the RNG state."""
     def check():
-        tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
         q, k, v, cu, max_len, scale = _check_problem(device, dtype, head_dim)
         g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
 
-        def run(fn, dt, dropout):
+        def run(exact, dt, dropout):  # [out, dq, dk, dv] in fp32
             leaves = [x.detach().to(dt).requires_grad_(True) for x in (q, k, v)]
-            out = fn(*leaves, cu, max_len, dropout, scale) if fn is _dropout_kernel else fn(*leaves, cu, dropout,
-                                                                                              scale)
+            out = (_per_document(*leaves, cu, dropout, scale) if exact
+                   else _dropout_kernel(*leaves, cu, max_len, dropout, scale))
             out.backward(g.to(dt))
             return [out.detach().float()] + [x.grad.float() for x in leaves]
 
-        want = run(_per_document, torch.float32, 0.0)
-        got = run(_dropout_kernel, dtype, 0.0)
+        want = run(True, torch.float32, 0.0)
+        got = run(False, dtype, 0.0)
         errs = [((a - b).norm() / b.norm()).item() for a, b in zip(got, want)]
-        if max(errs) >= tol:
+        if max(errs) >= _tolerance(dtype):
             return False, f"relative differences {', '.join(f'{e:.3g}' for e in errs)} (out, dq, dk, dv) at dropout 0"
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(1234)
-            a = run(_dropout_kernel, dtype, 0.5)
+            a = run(False, dtype, 0.5)
             torch.manual_seed(1234)
-            b = run(_dropout_kernel, dtype, 0.5)
+            b = run(False, dtype, 0.5)
         if not all(torch.equal(x, y) for x, y in zip(a, b)):
             return False, "dropout 0.5 from the same RNG state gave different results"
         if torch.equal(a[0], got[0]):
@@ -197,18 +200,22 @@ def dropout_kernel_works(device: torch.device, dtype: torch.dtype, head_dim: int
     return _checked((str(device), dtype, head_dim, "dropout"), check, DROPOUT_KERNEL)
 
 
+def _kernel_for(device: torch.device, dtype: torch.dtype, dropout: float, head_dim: int) -> str | None:
+    """KERNEL or DROPOUT_KERNEL when one serves this device, dtype and dropout and passes its check, else None.
+    The one rule, for `plan` at start-up and for each attention call."""
+    if not wants_kernel(device, dtype):
+        return None
+    if dropout == 0:
+        return KERNEL if kernel_works(device, dtype, head_dim) else None
+    return DROPOUT_KERNEL if dropout_kernel_works(device, dtype, head_dim) else None
+
+
 def plan(device: torch.device, dtype: torch.dtype, dropout: float, head_dim: int) -> str:
     """How a model's document batches should run: KERNEL or DROPOUT_KERNEL (CUDA, bf16/fp16, kernel checked),
     EXACT (the per-document path, on CPU), or PADDED: on a GPU without a working kernel, document-by-document
     SDPA is slower than the padded batch (a launch per document and layer, measured 4x slower on an H100), so
     the model is not unpadded there."""
-    if wants_kernel(device, dtype):
-        if dropout == 0 and kernel_works(device, dtype, head_dim):
-            return KERNEL
-        if dropout > 0 and dropout_kernel_works(device, dtype, head_dim):
-            return DROPOUT_KERNEL
-        return PADDED
-    return PADDED if device.type == "cuda" else EXACT
+    return _kernel_for(device, dtype, dropout, head_dim) or (PADDED if device.type == "cuda" else EXACT)
 
 
 def enable(model, device: torch.device, dtype: torch.dtype, dropout: float) -> str:
@@ -245,11 +252,11 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch has batch size 1, not {query.shape[0]}")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
-    max_len = int(kwargs["max_length_q"])
-    if wants_kernel(q.device, q.dtype) and dropout == 0.0 and kernel_works(q.device, q.dtype, q.shape[-1]):
-        out = _kernel(q, k, v, cu, max_len, scaling)
-    elif wants_kernel(q.device, q.dtype) and dropout > 0.0 and dropout_kernel_works(q.device, q.dtype, q.shape[-1]):
-        out = _dropout_kernel(q, k, v, cu, max_len, dropout, scaling)
+    how = _kernel_for(q.device, q.dtype, dropout, q.shape[-1])
+    if how == KERNEL:
+        out = _kernel(q, k, v, cu, int(kwargs["max_length_q"]), scaling)
+    elif how == DROPOUT_KERNEL:
+        out = _dropout_kernel(q, k, v, cu, int(kwargs["max_length_q"]), dropout, scaling)
     else:
         out = _per_document(q, k, v, cu, dropout, scaling)
     return out.unsqueeze(0), None

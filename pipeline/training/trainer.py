@@ -246,8 +246,8 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
     stop_at = min(total_steps, cfg.train.stop_at_step or total_steps)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())  # ZeRO-3 partitions them
     log(f"world {dist.world_size} x micro {plan.micro_size} x accumulation {plan.accumulation} = global "
-        f"{plan.global_size} sequences of {cfg.data.seq_len}; ZeRO {stage}, {prec}, {type(optimizer).__name__}; student {n_params / 1e6:.1f}M "
-        f"params; teacher {'none' if teacher is None else cfg.teacher.name_or_path}; {len(seqs)} training sequences; "
+        f"{plan.global_size} sequences of {cfg.data.seq_len}; ZeRO {stage}, {prec}, {type(optimizer).__name__}; "
+        f"student {n_params / 1e6:.1f}M params; teacher {'none' if teacher is None else cfg.teacher.name_or_path}; {len(seqs)} training sequences; "
         f"steps {step} -> {stop_at} of {total_steps}")
 
     def save(final_step):
