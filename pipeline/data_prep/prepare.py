@@ -6,6 +6,7 @@ runs units i, i+n, i+2n, ...; `join()` runs once all tasks are done.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -21,20 +22,22 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from operator import methodcaller
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from . import format as fmt
-from .cleaning import CleanConfig, clean, decode, ready_text
-from .sources import BadFileError, PieceStats, Source, describe_location, group_units, iter_piece, parse_spec, \
-    plan_pieces
+from .cleaning import CleanConfig, clean, decode, ready_text, ready_texts
+from .sources import BadFileError, DocBlock, PieceStats, Source, describe_location, group_units, iter_piece, \
+    parse_spec, plan_pieces
 from .tokenizer import TextTokenizer, load_prep_tokenizer, worker_tokenizer
 
 log = logging.getLogger("pipeline.data_prep")
 
 MAX_LIVE_WARNINGS = 20
 MAX_BAD_RECORDS_PER_UNIT = 100
+_DIGEST = methodcaller("digest")
 
 
 class PrepareError(RuntimeError):
@@ -189,8 +192,7 @@ class _Worker:
         self.clean_cfg = CleanConfig(max_doc_chars=st["max_doc_chars"], max_junk_fraction=st["max_junk_fraction"])
         self.valid_threshold = int(st["valid_fraction"] * 2 ** 64)
         self.split_key = hashlib.sha256(st["split_seed"].encode()).digest()[:16]
-        # Keyed blake2b hashes the key as a first block; copying a hash that has done so is a third cheaper.
-        self._split_hash = hashlib.blake2b(digest_size=8, key=self.split_key)
+        self._split_hasher = functools.partial(hashlib.blake2b, digest_size=8, key=self.split_key)
         self.verify = verify
         self.messages = messages  # queue to the main process, or a callable when running inline
 
@@ -200,10 +202,14 @@ class _Worker:
         else:
             self.messages.put((kind, payload))
 
-    def is_valid(self, text: str) -> bool:
-        h = self._split_hash.copy()  # = blake2b(text, digest_size=8, key=split_key)
-        h.update(text.encode("utf-8", "surrogatepass"))
-        return int.from_bytes(h.digest(), "little") < self.valid_threshold
+    def valid_mask(self, blobs: list[bytes]) -> np.ndarray:
+        """Which documents (given as UTF-8 bytes) go to the validation split: those whose keyed hash,
+        blake2b(doc, digest_size=8, key=split_key) read as a little-endian integer, is below the threshold.
+        Maps and one numpy comparison: no Python step per document."""
+        if self.valid_threshold >= 1 << 64:
+            return np.ones(len(blobs), bool)
+        digests = b"".join(map(_DIGEST, map(self._split_hasher, blobs)))
+        return np.frombuffer(digests, "<u8") < np.uint64(self.valid_threshold)
 
     def run(self, unit: dict) -> dict:
         paths = fmt.unit_paths(unit["id"])
@@ -245,17 +251,18 @@ class _Worker:
         bad_records: list = []
         piece_lines: list = []
         docs_read = 0
-        batch: list[str] = []
+        batch: list[str] = []  # texts for the tokenizer
+        blobs: list[bytes] = []  # their UTF-8 bytes, for the split hash
         batch_chars = 0
 
         def flush() -> None:
-            nonlocal batch, batch_chars
+            nonlocal batch, blobs, batch_chars
             if not batch:
                 return
             ids = tok.encode_batch(batch)
             lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-            flat = np.fromiter(itertools.chain.from_iterable(ids), tok.dtype, int(lengths.sum()))
-            valid = np.fromiter(map(self.is_valid, batch), bool, len(batch))
+            flat = np.array(list(itertools.chain.from_iterable(ids)), tok.dtype)
+            valid = self.valid_mask(blobs)
             if not lengths.all():  # text that tokenizes to nothing (e.g. only unknown whitespace)
                 dropped["no_tokens"] += int((lengths == 0).sum())
                 keep = lengths > 0
@@ -268,9 +275,40 @@ class _Worker:
             writers["train"].add(flat, lengths)
             counts[:] += np.bincount(flat, minlength=tok.vocab_size)[: tok.vocab_size]
             self.send("progress", (n_docs, n_tokens, batch_chars))
-            batch, batch_chars = [], 0
+            batch, blobs, batch_chars = [], [], 0
 
         max_chars = self.clean_cfg.max_doc_chars
+
+        def add(payload, loc, flag, bad) -> None:  # one document
+            nonlocal batch_chars
+            # fast path, most documents: text that needs no cleaning, not cut from a longer one (flag).
+            # The calls it saves cost ~1 us per document, ~5% of the tokenizer's time on short documents.
+            text = None if flag else ready_text(payload, max_chars)
+            if text is not None:
+                batch.append(text)
+                blobs.append(payload if payload.__class__ is bytes else text.encode("utf-8", "surrogatepass"))
+                batch_chars += len(text)
+            else:
+                if isinstance(payload, bytes):
+                    text, utf8_repaired = decode(payload)
+                    was_cut = flag
+                else:
+                    text, utf8_repaired, was_cut = payload, flag, False
+                pieces, reason, repairs = clean(text, self.clean_cfg, utf8_repaired)
+                if was_cut:
+                    repairs.append("split_long")
+                for r in repairs:
+                    repaired[r] += 1
+                if reason:
+                    dropped[reason] += 1
+                    if reason == "binary":
+                        bad(reason, loc, "document is mostly invalid UTF-8 or control characters")
+                    return
+                batch.extend(pieces)
+                blobs.extend(p.encode("utf-8", "surrogatepass") for p in pieces)
+                batch_chars += sum(map(len, pieces))
+            if len(batch) >= 1024 or batch_chars >= (1 << 20):
+                flush()
         try:
             for pi, piece in enumerate(unit["pieces"]):
                 if piece["path"] in skipped:
@@ -285,34 +323,28 @@ class _Worker:
                         bad_records.append({"piece": pi, "loc": loc, "reason": reason, "detail": detail[:200]})
                     self.send("warning", f"{describe_location(piece, loc)}: skipped record ({reason}: {detail[:120]})")
 
-                for payload, loc, flag in iter_piece(piece, source, max_chars,
-                                                      self.plan["settings"]["max_record_bytes"], pstats, bad):
-                    docs_read += 1
-                    # fast path, most documents: text that needs no cleaning, not cut from a longer one (flag).
-                    # The calls it saves cost ~1 us per document, ~5% of the tokenizer's time on short documents.
-                    text = None if flag else ready_text(payload, max_chars)
-                    if text is not None:
-                        pieces = (text,)
-                    else:
-                        if isinstance(payload, bytes):
-                            text, utf8_repaired = decode(payload)
-                            was_cut = flag
-                        else:
-                            text, utf8_repaired, was_cut = payload, flag, False
-                        pieces, reason, repairs = clean(text, self.clean_cfg, utf8_repaired)
-                        if was_cut:
-                            repairs.append("split_long")
-                        for r in repairs:
-                            repaired[r] += 1
-                        if reason:
-                            dropped[reason] += 1
-                            if reason == "binary":
-                                bad(reason, loc, "document is mostly invalid UTF-8 or control characters")
-                            continue
-                    batch.extend(pieces)
-                    batch_chars += sum(map(len, pieces))
-                    if len(batch) >= 1024 or batch_chars >= (1 << 20):
-                        flush()
+                max_record = self.plan["settings"]["max_record_bytes"]
+                for payload, loc, flag in iter_piece(piece, source, max_chars, max_record, pstats, bad, blocks=True):
+                    if payload.__class__ is not DocBlock:
+                        docs_read += 1
+                        add(payload, loc, flag, bad)
+                        continue
+                    # Whole documents of one read of a text file: when all are ready (almost always), they
+                    # join the batch together, a slice at a time, with no Python step per document.
+                    docs = payload.docs
+                    docs_read += len(docs)
+                    texts = ready_texts(docs, max_chars)
+                    if texts is None:
+                        for i, doc in enumerate(docs):
+                            add(doc, payload.line_of(i), False, bad)
+                        continue
+                    for lo in range(0, len(texts), 1024):
+                        part = texts[lo:lo + 1024]
+                        batch.extend(part)
+                        blobs.extend(docs[lo:lo + 1024])
+                        batch_chars += sum(map(len, part))
+                        if len(batch) >= 1024 or batch_chars >= (1 << 20):
+                            flush()
                 piece_lines.append(pstats.lines)
             flush()
             splits = {s: w.commit() for s, w in writers.items()}

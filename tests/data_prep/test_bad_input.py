@@ -608,3 +608,26 @@ def test_the_fast_path_agrees_with_clean(text):
         assert unchanged
     else:
         assert not unchanged or "\ufffd" in text
+
+
+def test_the_block_fast_path_agrees_with_the_per_document_one():
+    """ready_texts (a read's documents checked together) gives the texts exactly when ready_text accepts every
+    document, else None; over random mixes of the kinds of text above and invalid UTF-8."""
+    from pipeline.data_prep.cleaning import ready_text, ready_texts
+
+    kinds = ["plain text\n", "", " \n\t ", "tab\tand\nnewline\r\n", "nul\x00inside", "bell\x07", "del\x7f",
+             "replacement \ufffd char", "x" * 50, "y" * 51, "café 日本語 🙂", "\x0b vertical tab", "\u2028 sep",
+             "\x85 next line", "\u3000\n", "é" * 50]
+    rng = random.Random(5)
+    outcomes = set()
+    for _ in range(400):
+        docs = [rng.choice(kinds).encode() for _ in range(rng.randint(1, 6))]
+        if rng.random() < 0.1:
+            docs[rng.randrange(len(docs))] += b"\xff"
+        if rng.random() < 0.5:  # mostly ready documents, as in real text
+            docs = [rng.choice(["plain text\n", "café 日本語 🙂", "é" * 50]).encode() for _ in docs]
+        one_by_one = [ready_text(d, 50) for d in docs]
+        got = ready_texts(docs, 50)
+        assert got == (one_by_one if None not in one_by_one else None), docs
+        outcomes.add(got is None)
+    assert outcomes == {True, False}

@@ -117,6 +117,26 @@ def test_wordpiece_decode_gives_back_the_text(wp_dataset, wordpiece_dir):
         assert "".join(decoded.split()) == "".join(ordered[k].lower().split())
 
 
+def test_split_is_the_documented_hash_of_each_document(wp_dataset, wordpiece_dir):
+    """docs/data_format.md: a document goes to `valid` when BLAKE2b with an 8-byte digest, keyed with
+    sha256(split_seed)[:16], of its text (as read: a text file's document keeps its final newline), read
+    little-endian, is below valid_fraction * 2^64. Checked document by document against the workers' batched
+    hashing, for text read in blocks and for JSON Lines."""
+    import hashlib
+
+    out, ordered, manifest = wp_dataset
+    st = manifest["settings"]
+    key = hashlib.sha256(st["split_seed"].encode()).digest()[:16]
+    n_text = len(ordered) - len(ordered) // 2  # write_inputs: the even documents went to a.txt
+    as_read = [t + "\n" if k < n_text else t for k, t in enumerate(ordered)]
+    expected = ["valid" if int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8, key=key).digest(), "little")
+                < st["valid_fraction"] * 2 ** 64 else "train" for t in as_read]
+    tok = load_tokenizer(wordpiece_dir)
+    where = ordered_partition(tok.encode_batch(ordered), split_ids(out, "train"), split_ids(out, "valid"))
+    assert [w for w, _ in where] == expected
+    assert 0 < expected.count("valid") < len(expected)
+
+
 def test_token_counts_are_bincount_of_train_tokens(wp_dataset):
     out, _, manifest = wp_dataset
     train = PreparedDataset(out, "train")

@@ -20,8 +20,8 @@ import pytest
 from pipeline.data.prepared import PreparedDataset
 from pipeline.data_prep import sources
 from pipeline.data_prep.prepare import PrepareConfig, make_plan, prepare
-from pipeline.data_prep.sources import (PieceStats, PlanError, Source, auto_unit_bytes, group_units, parse_spec,
-                                        plan_pieces, read_jsonl_range, read_text_range)
+from pipeline.data_prep.sources import (DocBlock, PieceStats, PlanError, Source, auto_unit_bytes, group_units,
+                                        parse_spec, plan_pieces, read_jsonl_range, read_text_blocks, read_text_range)
 from pipeline.data_prep.tokenizer import load_tokenizer
 
 MiB = 1 << 20
@@ -618,13 +618,14 @@ def _line_by_line_read_text_range(f, start, end, mode, max_doc_bytes, stats):
 
 
 @pytest.mark.parametrize("mode", ["paragraphs", "lines"])
-@pytest.mark.parametrize("chunk", [1, 2, 7, 64])
+@pytest.mark.parametrize("chunk", [1, 2, 7, 64, 4096])
 def test_read_text_range_equals_line_by_line_reader(monkeypatch, mode, chunk):
     """Every range of random text, read by read_text_range, gives exactly what the line-by-line reader gives:
     the same documents, lines, cut pieces and flags, and line counts (the other tests check the rules; this
     one checks that reading many lines at a time changed nothing, including where a read ends)."""
     monkeypatch.setattr(sources, "CHUNK", chunk)
     rng = random.Random(chunk * 10 + len(mode))
+    blocks = 0
     for case in range(300):
         data = _random_text(rng)
         if rng.random() < 0.2:  # long documents and lines
@@ -641,6 +642,13 @@ def test_read_text_range_equals_line_by_line_reader(monkeypatch, mode, chunk):
             ref = list(_line_by_line_read_text_range(io.BytesIO(data), start, end, mode, max_doc, ref_stats))
             assert got == ref, (case, data, start, end, max_doc)
             assert got_stats.lines == ref_stats.lines, (case, data, start, end)
+            # the blocks' own first-document line agrees with the documents they expand to
+            items = list(read_text_blocks(io.BytesIO(data), start, end, mode, max_doc, PieceStats()))
+            for payload, line, _ in items:
+                if isinstance(payload, DocBlock):
+                    blocks += 1
+                    assert payload.docs and line == payload.line_of(0)
+    assert blocks > 50 or chunk < 7  # the block path was really taken, not only the one-document fallbacks
 
 
 def _random_jsonl(rng: random.Random) -> bytes:
