@@ -329,20 +329,21 @@ class _Worker:
                         docs_read += 1
                         add(payload, loc, flag, bad)
                         continue
-                    # Whole documents of one read of a text file: when all are ready (almost always), they
-                    # join the batch together, a slice at a time, with no Python step per document.
+                    # Whole documents of one read of a text file, a slice at a time: when all of a slice are
+                    # ready (almost always), they join the batch together, with no Python step per document.
+                    # Slices are decoded just before they are tokenized, while their bytes are still in cache.
                     docs = payload.docs
                     docs_read += len(docs)
-                    texts = ready_texts(docs, max_chars)
-                    if texts is None:
-                        for i, doc in enumerate(docs):
-                            add(doc, payload.line_of(i), False, bad)
-                        continue
-                    for lo in range(0, len(texts), 1024):
-                        part = texts[lo:lo + 1024]
-                        batch.extend(part)
-                        blobs.extend(docs[lo:lo + 1024])
-                        batch_chars += sum(map(len, part))
+                    for lo in range(0, len(docs), 1024):
+                        part = docs[lo:lo + 1024]
+                        texts = ready_texts(part, max_chars)
+                        if texts is None:
+                            for i, doc in enumerate(part, lo):
+                                add(doc, payload.line_of(i), False, bad)
+                            continue
+                        batch.extend(texts)
+                        blobs.extend(part)
+                        batch_chars += sum(map(len, texts))
                         if len(batch) >= 1024 or batch_chars >= (1 << 20):
                             flush()
                 piece_lines.append(pstats.lines)
