@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -259,9 +258,7 @@ class _Worker:
             nonlocal batch, blobs, batch_chars
             if not batch:
                 return
-            ids = tok.encode_batch(batch)
-            lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-            flat = np.array(list(itertools.chain.from_iterable(ids)), tok.dtype)
+            flat, lengths = tok.encode_flat(batch)
             valid = self.valid_mask(blobs)
             if not lengths.all():  # text that tokenizes to nothing (e.g. only unknown whitespace)
                 dropped["no_tokens"] += int((lengths == 0).sum())

@@ -23,7 +23,7 @@ from pipeline.data_prep import sources
 from pipeline.data_prep.cleaning import CleanConfig, clean, decode, split_long
 from pipeline.data_prep.prepare import PrepareConfig, PrepareError, prepare
 from pipeline.data_prep.sources import BadFileError, PlanError, parse_spec, plan_pieces
-from pipeline.data_prep.tokenizer import _PROBES, TextTokenizer, load_tokenizer
+from pipeline.data_prep.tokenizer import TextTokenizer, load_tokenizer
 from pipeline.data_prep.validate import validate
 
 
@@ -179,13 +179,13 @@ def test_bad_records_named_by_file_and_line(bad_run):
 def test_cleaned_texts_reach_the_tokenizer_exactly(bad_corpus, tmp_path, wordpiece_dir, monkeypatch):
     """U+FFFD kept in place of invalid bytes, NUL removed, other control characters made spaces."""
     seen = []
-    real = TextTokenizer.encode_batch
+    real = TextTokenizer.encode_flat
 
     def spy(self, texts):
-        seen.extend(t for t in texts if t not in _PROBES)
+        seen.extend(texts)
         return real(self, texts)
 
-    monkeypatch.setattr(TextTokenizer, "encode_batch", spy)
+    monkeypatch.setattr(TextTokenizer, "encode_flat", spy)
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))  # empty: the real TextTokenizer encodes
     inputs, _ = bad_corpus
     run_prepare(tmp_path / "out", inputs, wordpiece_dir)

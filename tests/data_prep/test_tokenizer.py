@@ -277,3 +277,88 @@ def test_prepare_with_a_warm_cache_writes_the_same_dataset(tmp_path, wordpiece_d
     assert m[0]["tokenizer"] == m[1]["tokenizer"] and m[0]["plan_id"] == m[1]["plan_id"]
     files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*.bin"))
     assert files and all((outs[0] / f).read_bytes() == (outs[1] / f).read_bytes() for f in files)
+
+
+# -- joined encoding (JoinedEncoder) -----------------------------------------------------------------------------
+
+def _mixed_docs(sample_texts, seed: int) -> list[str]:
+    """Real sentences and every kind of boundary trouble, in random order: documents holding the separator's
+    text (the batch must fall back), ones that tokenize to nothing, one-character ones, long ones that make
+    several groups, whitespace and punctuation at either end."""
+    import random
+
+    rng = random.Random(seed)
+    words = " ".join(sample_texts).split()
+    odd = ["[PAD] inside", "x[SEP]y", "\u200b", "\u00a0", "é", "end.", " lead", "trail ", "'q'", "[MASK]", "##ing",
+           "中文", "🙂", "\tTab\n", "SEP]", "[PA", "D]"]
+    docs = []
+    for _ in range(400):
+        r = rng.random()
+        if r < 0.7:
+            docs.append(" ".join(rng.sample(words, rng.randint(1, 40))) + rng.choice(["", "\n", " ", "."]))
+        elif r < 0.95:
+            docs.append(rng.choice(odd))
+        else:
+            docs.append(" ".join(rng.choice(words) for _ in range(rng.randint(800, 2000))))
+    return docs
+
+
+def test_joined_encoding_equals_per_document_encoding(wordpiece_dir, sample_texts):
+    """encode_flat (documents joined by a special token, a group of ~GROUP_CHARS characters per tokenizer
+    input) gives exactly the per-document ids and lengths, on the real bert-base-uncased WordPiece; batches
+    where a document holds the separator's text fall back and are still exact; both code paths are taken."""
+    import numpy as np
+
+    main = load_prep_tokenizer(wordpiece_dir, threads=False)
+    worker = tokmod.worker_tokenizer(main.worker_spec(), threads=False)
+    sep_text, sep_id = worker._joined.sep
+    assert worker._joined.sep in tokmod._separators(worker._backend)
+    paths = {"joined": 0, "fallback": 0}
+    for seed in range(6):
+        docs = _mixed_docs(sample_texts, seed)
+        for lo in range(0, len(docs), 97):
+            batch = docs[lo:lo + 97]
+            want = tokmod.ids_to_flat(worker.encode_batch(batch), worker.dtype)
+            for enc in (worker, main):
+                flat, lengths = enc.encode_flat(batch)
+                assert flat.dtype == worker.dtype and lengths.dtype == np.int64
+                np.testing.assert_array_equal(flat, want[0])
+                np.testing.assert_array_equal(lengths, want[1])
+            paths["joined" if worker._joined._joined(batch) is not None else "fallback"] += 1
+    assert paths["joined"] > 5 and paths["fallback"] > 5, paths
+    assert (worker.encode_flat([])[0].size, worker.encode_flat(["one"])[1].tolist()) == (0, [1])
+
+
+def test_joining_is_off_for_a_tokenizer_that_reads_text_after_a_special_token_differently():
+    """Metaspace with prepend_scheme="first" marks only the start of the whole input as a word start: a
+    document after the separator would tokenize differently, and the start-up check must refuse to join.
+    With "always" it is exact and joining is on."""
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[SEP]": 1}
+    for w in "▁hello ▁world ▁foo ▁bar hello world foo bar ▁".split():
+        vocab.setdefault(w, len(vocab))
+    seps = {}
+    for scheme in ("first", "always"):
+        t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        t.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme)
+        t.add_special_tokens(["[SEP]"])
+        enc = tokmod.JoinedEncoder(t, np.uint16)
+        seps[scheme] = enc.sep
+        docs = ["hello world", "foo bar", "bar", "hello"] * 3
+        flat, lengths = enc.flat(docs)
+        np.testing.assert_array_equal(flat, [i for e in t.encode_batch(docs, add_special_tokens=False) for i in e.ids])
+        assert lengths.tolist() == [2, 2, 1, 1] * 3
+    assert seps == {"first": None, "always": ("[SEP]", 1)}
+
+
+@pytest.mark.parametrize("content, ok", [("[SEP]", True), ("aba", False), ("<|x|>", True), ("##", False)])
+def test_a_separator_has_no_border(content, ok):
+    """A separator with a border ("aba": "a" is prefix and suffix) could form a new occurrence across a join
+    ("ab" + "aba" -> "ababa" holds two); those are never used."""
+    from tokenizers import Tokenizer, models
+
+    t = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    t.add_special_tokens([content])
+    assert (tokmod._separators(t) != []) == ok
