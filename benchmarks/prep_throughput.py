@@ -32,6 +32,9 @@ single process in it) and resource.getrusage(RUSAGE_CHILDREN).ru_maxrss of this 
 This process stays small (the raw route runs in its own subprocess too): a forked child starts with its
 parent's RSS, which ru_maxrss would otherwise report.
 
+Rounds (--repeat) alternate the order of the routes, so that a drift in the machine's speed over a round
+favours none of them.
+
 Targets: ours / raw >= 0.9, ours / datasets >= 1.2, ours' peak total RSS < 1 GiB.
 """
 from __future__ import annotations
@@ -324,6 +327,7 @@ def run_ours(txt, jsonl, tok_dir, workers, tmp_root, log_dir, tokenizer_cache: s
         r["unit_bytes"] = m["settings"]["unit_bytes"]
         r["prepare_s"] = m["stats"]["seconds"]  # inside prepare(): plan .. join, excludes interpreter start-up
         r["worker_s"] = m["stats"]["worker_seconds"]  # sum over units of the time in _tokenize_unit
+        r["tokenizer_s"] = m["stats"].get("tokenizer_seconds")  # the part of it in the tokenizer (ids included)
         r["output_bytes"] = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out) for f in fs)
         r["command"] = " ".join(["python" if c == sys.executable else os.path.relpath(c, ROOT) if c.startswith(ROOT)
                                  else c for c in cmd])
@@ -504,7 +508,9 @@ def main(argv=None) -> int:
 
     try:
         for i in range(args.repeat):
-            for route in routes:
+            # rounds alternate the routes' order (raw, ours, ... then ..., ours, raw): a drift in the machine's
+            # speed over a round then favours no route
+            for route in (routes if i % 2 == 0 else routes[::-1]):
                 for attempt in range(args.retries + 1):
                     quiet = wait_idle(args.wait_idle) if args.wait_idle > 0 else None
                     if quiet and not quiet["idle"]:
@@ -609,6 +615,11 @@ def main(argv=None) -> int:
         print(f"ours in steady state (tokens / (worker-seconds in units / workers)): {v['steady_tokens_per_s']:,.0f} "
               f"tok/s = {v['steady_tokens_per_s'] / base:.2f} x raw; the rest of the wall time "
               f"({v['overhead_s']:.1f} s) is start-up, tail and exit" if "raw" in summary else "")
+        if v.get("tokenizer_s") and "raw" in summary:
+            alone = v["tokens"] / (v["tokenizer_s"] / args.workers)
+            print(f"ours' workers: {v['tokenizer_s']:.1f} of {v['worker_s']:.1f} s in the tokenizer "
+                  f"({v['tokenizer_s'] / v['worker_s']:.0%}); tokenizer alone {alone:,.0f} tok/s = "
+                  f"{alone / base:.2f} x raw")
     if "datasets" in summary:
         v = summary["datasets"]
         print(f"datasets: load {v['load_s']:.1f} s + map {v['map_s']:.1f} s + save {v['save_s']:.1f} s; subprocess "

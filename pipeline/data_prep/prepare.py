@@ -250,6 +250,7 @@ class _Worker:
         bad_records: list = []
         piece_lines: list = []
         docs_read = 0
+        tokenizer_s = [0.0]  # time in the tokenizer, ids included (the rest of `seconds` is our own work)
         batch: list[str] = []  # texts for the tokenizer
         blobs: list[bytes] = []  # their UTF-8 bytes, for the split hash
         batch_chars = 0
@@ -258,7 +259,9 @@ class _Worker:
             nonlocal batch, blobs, batch_chars
             if not batch:
                 return
+            t_enc = time.perf_counter()
             flat, lengths = tok.encode_flat(batch)
+            tokenizer_s[0] += time.perf_counter() - t_enc
             valid = self.valid_mask(blobs)
             if not lengths.all():  # text that tokenizes to nothing (e.g. only unknown whitespace)
                 dropped["no_tokens"] += int((lengths == 0).sum())
@@ -362,7 +365,8 @@ class _Worker:
                       "bad_records": dict(bad_counts)},
             "piece_lines": piece_lines, "bad_records": bad_records,
             "skipped_files": [{"path": p, "reason": r} for p, r in skipped.items()],
-            "seconds": round(time.perf_counter() - t0, 3), "host": socket.gethostname(),
+            "seconds": round(time.perf_counter() - t0, 3), "tokenizer_seconds": round(tokenizer_s[0], 3),
+            "host": socket.gethostname(),
         }
 
 
@@ -680,6 +684,7 @@ def join(out: str, wall_seconds: float | None = None, command: list | None = Non
         for k in ("seconds", "tokens_per_s", "documents_per_s"):
             summary.pop(k)
     summary["worker_seconds"] = round(sum(r["seconds"] for r in records), 2)
+    summary["tokenizer_seconds"] = round(sum(r.get("tokenizer_seconds", 0.0) for r in records), 2)
     shards = {s: [{"unit": r["unit"], **{k: v for k, v in r["splits"][s].items()}} for r in records]
               for s in fmt.SPLITS}
     manifest = {

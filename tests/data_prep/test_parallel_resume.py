@@ -46,7 +46,7 @@ def snapshot(out) -> dict:
     with open(os.path.join(out, "manifest.json")) as f:
         m = json.load(f)
     stats = {k: v for k, v in m["stats"].items() if k not in ("seconds", "tokens_per_s", "documents_per_s",
-                                                                 "worker_seconds")}
+                                                                 "worker_seconds", "tokenizer_seconds")}
     keep = {k: m[k] for k in ("format_version", "plan_id", "dtype", "tokenizer", "split", "settings", "sources",
                               "totals", "shards", "token_counts", "bad_records")}
     return {"files": files, "manifest": keep, "stats": stats}
