@@ -134,7 +134,9 @@ def test_output_identical_for_any_worker_count(tmp_path, mixed_inputs, wordpiece
 def test_workers_fork_from_a_single_threaded_process_and_start_clean(tmp_path, mixed_inputs, wordpiece_dir):
     """prepare() forks its workers when its process has one thread (the CLI's case), else spawns them (native
     threads count: an inline run's tokenizer leaves some). A forked worker must not inherit this process's
-    inline-run state: here it holds a stale one, and the dataset must still equal the one made from scratch."""
+    inline-run state: here it holds a stale one, and the dataset must still equal the one made from scratch.
+    Spawned workers (a thread running; or a thread that loading the tokenizer started, after fork was chosen)
+    rebuild the tokenizer from a context file: the same dataset again."""
     code = f"""
 import json, os, sys, threading
 sys.path.insert(0, {str(ROOT)!r})
@@ -145,9 +147,14 @@ second = P.PrepareConfig(inputs=inputs[1:], output=sys.argv[1] + "/b", tokenizer
 P._WORKER = "the state of an earlier inline run"
 methods = [P._pool_context().get_start_method()]
 P.prepare(second)
-t = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True)
+t = threading.Thread(target=threading.Event().wait, args=(60,), daemon=True)
 t.start()
 methods.append(P._pool_context().get_start_method())
+P.prepare(P.PrepareConfig(**{{**second.__dict__, "output": sys.argv[1] + "/c"}}))
+import multiprocessing
+chosen = iter(["fork", "spawn"])  # fork at first, spawn once the tokenizer is loaded
+P._pool_context = lambda: multiprocessing.get_context(next(chosen))
+P.prepare(P.PrepareConfig(**{{**second.__dict__, "output": sys.argv[1] + "/d"}}))
 print(json.dumps(methods))
 """
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
@@ -159,7 +166,9 @@ print(json.dumps(methods))
         pytest.skip("no /proc: workers are always spawned here")
     assert methods == ["fork", "spawn"]
     prepare(cfg(mixed_inputs[1:], tmp_path / "ref", wordpiece_dir, 0.03, workers=1))
-    assert_same_dataset(tmp_path / "ref", tmp_path / "b")
+    for made in ("b", "c", "d"):
+        assert_same_dataset(tmp_path / "ref", tmp_path / made)
+    assert tmp_leftovers(tmp_path) == []
 
 
 # -- byte ranges -------------------------------------------------------------------------------------------------

@@ -152,14 +152,19 @@ def test_worker_rebuilt_tokenizer_must_encode_the_probes_alike(wordpiece_dir):
 
 def test_worker_that_cannot_build_its_tokenizer_stops_the_run(tmp_path, wordpiece_dir, sample_texts):
     """A pool initializer that raises would be restarted by multiprocessing.Pool forever (a hang): the
-    workers build the tokenizer on their first unit instead and the driver stops on the first failure."""
+    workers build the tokenizer on their first unit instead and the driver stops on the first failure.
+    Spawned workers rebuild it (forked ones inherit the main process's): the run is made to spawn, as it does
+    off Linux or from a process with threads."""
     src = tmp_path / "in.txt"
     src.write_text("\n\n".join(sample_texts[:40]) + "\n", encoding="utf-8")
     script = f"""
-import sys
+import multiprocessing, sys
 sys.path.insert(0, {str(ROOT)!r})
+import pipeline.data_prep.prepare as P
 from pipeline.data_prep.prepare import PrepareConfig, PrepareError, prepare
 from pipeline.data_prep.tokenizer import TextTokenizer
+
+P._pool_context = lambda: multiprocessing.get_context("spawn")
 
 real = TextTokenizer.worker_spec
 def worker_spec(self):  # the workers get probe ids that their tokenizer does not produce
