@@ -32,7 +32,7 @@ _PROBES = (
 
 
 # Documents are tokenized a group at a time, joined by a special token, up to about this many characters per
-# group (see JoinedEncoder; benchmarks/prep_throughput.py --group-chars measures other sizes).
+# group (see JoinedEncoder; benchmarks/joined_encoding.py measures other sizes: 1-16 K are within noise).
 GROUP_CHARS = 4096
 # Texts on which joined and per-document encoding must agree before joining is used: the probes, edge cases
 # for boundaries (whitespace at either end, punctuation, subword-like and bracket pieces, one character),
