@@ -20,8 +20,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from operator import methodcaller
 from dataclasses import asdict, dataclass, field
+from operator import methodcaller
 
 import numpy as np
 
@@ -248,18 +248,18 @@ class _Worker:
         bad_records: list = []
         piece_lines: list = []
         docs_read = 0
-        tokenizer_s = [0.0]  # time in the tokenizer, ids included (the rest of `seconds` is our own work)
+        tokenizer_s = 0.0  # time in the tokenizer, ids included (the rest of `seconds` is our own work)
         batch: list[str] = []  # texts for the tokenizer
         blobs: list[bytes] = []  # their UTF-8 bytes, for the split hash
         batch_chars = 0
 
         def flush() -> None:
-            nonlocal batch, blobs, batch_chars
+            nonlocal batch, blobs, batch_chars, tokenizer_s
             if not batch:
                 return
             t_enc = time.perf_counter()
             flat, lengths = tok.encode_flat(batch)
-            tokenizer_s[0] += time.perf_counter() - t_enc
+            tokenizer_s += time.perf_counter() - t_enc
             valid = self.valid_mask(blobs)
             if not lengths.all():  # text that tokenizes to nothing (e.g. only unknown whitespace)
                 dropped["no_tokens"] += int((lengths == 0).sum())
@@ -363,7 +363,7 @@ class _Worker:
                       "bad_records": dict(bad_counts)},
             "piece_lines": piece_lines, "bad_records": bad_records,
             "skipped_files": [{"path": p, "reason": r} for p, r in skipped.items()],
-            "seconds": round(time.perf_counter() - t0, 3), "tokenizer_seconds": round(tokenizer_s[0], 3),
+            "seconds": round(time.perf_counter() - t0, 3), "tokenizer_seconds": round(tokenizer_s, 3),
             "host": socket.gethostname(),
         }
 
