@@ -35,6 +35,7 @@ log = logging.getLogger("pipeline.data_prep")
 
 MAX_LIVE_WARNINGS = 20
 MAX_BAD_RECORDS_PER_UNIT = 100
+BATCH_DOCS, BATCH_CHARS = 1024, 1 << 20  # a batch goes to the tokenizer once it has this many documents or chars
 _DIGEST = methodcaller("digest")
 
 
@@ -275,6 +276,10 @@ class _Worker:
             self.send("progress", (n_docs, n_tokens, batch_chars))
             batch, blobs, batch_chars = [], [], 0
 
+        def flush_if_full() -> None:
+            if len(batch) >= BATCH_DOCS or batch_chars >= BATCH_CHARS:
+                flush()
+
         max_chars = self.clean_cfg.max_doc_chars
 
         def add(payload, loc, flag, bad) -> None:  # one document
@@ -305,8 +310,7 @@ class _Worker:
                 batch.extend(pieces)
                 blobs.extend(p.encode("utf-8", "surrogatepass") for p in pieces)
                 batch_chars += sum(map(len, pieces))
-            if len(batch) >= 1024 or batch_chars >= (1 << 20):
-                flush()
+            flush_if_full()
         try:
             for pi, piece in enumerate(unit["pieces"]):
                 if piece["path"] in skipped:
@@ -332,8 +336,8 @@ class _Worker:
                     # Slices are decoded just before they are tokenized, while their bytes are still in cache.
                     docs = payload.docs
                     docs_read += len(docs)
-                    for lo in range(0, len(docs), 1024):
-                        part = docs[lo:lo + 1024]
+                    for lo in range(0, len(docs), BATCH_DOCS):
+                        part = docs[lo:lo + BATCH_DOCS]
                         texts = ready_texts(part, max_chars)
                         if texts is None:
                             for i, doc in enumerate(part, lo):
@@ -342,8 +346,7 @@ class _Worker:
                         batch.extend(texts)
                         blobs.extend(part)
                         batch_chars += sum(map(len, texts))
-                        if len(batch) >= 1024 or batch_chars >= (1 << 20):
-                            flush()
+                        flush_if_full()
                 piece_lines.append(pstats.lines)
             flush()
             splits = {s: w.commit() for s, w in writers.items()}
@@ -476,7 +479,9 @@ def _plan_task(cfg: PrepareConfig, tok: TextTokenizer, out: str) -> tuple[dict, 
     units = [u for u in plan["units"] if u["id"] % cfg.array_count == cfg.array_task]
     # what killed writers of this task's units left behind: one listing per folder for the whole task (per
     # unit, it was a listing of folders that grow with the unit count: quadratic in the corpus size)
-    fmt.remove_stale_tmp(out, [u["id"] for u in units])
+    stale = fmt.remove_stale_tmp(out, [u["id"] for u in units])
+    if stale:
+        log.info("removed %d temporary file(s) left by an interrupted earlier run", stale)
     log.info("planned %d units (%s MiB each) from %d input(s); this task runs %d of them on %d worker(s)",
              len(plan["units"]), plan["settings"]["unit_bytes"] >> 20, len(plan["sources"]), len(units), cfg.workers)
     return plan, units

@@ -494,6 +494,17 @@ def read_text_blocks(f, start: int, end: int | None, mode: str, max_doc_bytes: i
             doc_cut = True
             del buf[:cut]
 
+    def whole(doc: bytes, line: int):  # a complete document (none in progress): as it is, or in cut pieces
+        nonlocal doc_line, doc_cut
+        if len(doc) <= max_doc_bytes:
+            yield doc, line, False
+            return
+        buf.extend(doc)
+        doc_line, doc_cut = line, False
+        yield from cut_buf()
+        yield bytes(buf), doc_line, False
+        buf.clear()
+
     def add_text(b: int, e: int, line: int):  # text lines data[b:e] (line = index of the first) join the doc
         nonlocal doc_line, doc_cut
         if not buf:
@@ -564,13 +575,8 @@ def read_text_blocks(f, start: int, end: int | None, mode: str, max_doc_bytes: i
                 if lines:
                     yield DocBlock(lines, base.__add__), base, False
             else:
-                for i, m in enumerate(_LINE.finditer(data, 0, cutoff)):
-                    if m.end() - m.start() <= max_doc_bytes:
-                        yield m.group(), base + i, False
-                    else:
-                        yield from add_text(m.start(), m.end(), base + i)
-                        yield bytes(buf), doc_line, False
-                        buf.clear()
+                for i, line in enumerate(lines):
+                    yield from whole(line, base + i)
             if cutoff < k:
                 return
         else:
@@ -617,14 +623,7 @@ def read_text_blocks(f, start: int, end: int | None, mode: str, max_doc_bytes: i
                             yield DocBlock(docs, line_of), first, False
                     else:
                         for i, doc in enumerate(docs):
-                            if len(doc) <= max_doc_bytes:
-                                yield doc, line_of(i), False
-                            else:
-                                buf.extend(doc)
-                                doc_line, doc_cut = line_of(i), False
-                                yield from cut_buf()
-                                yield bytes(buf), doc_line, False
-                                buf.clear()
+                            yield from whole(doc, line_of(i))
                     x, x_line = cutoff - len(parts[-1]), x_line + data.count(b"\n", x, cutoff - len(parts[-1]))
                 if x < cutoff:  # a document that goes on in the next read
                     yield from add_text(x, cutoff, x_line)

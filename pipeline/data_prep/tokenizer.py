@@ -8,6 +8,7 @@ share a vocabulary but normalise differently (cased vs uncased) do not.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -99,23 +100,20 @@ class TextTokenizer:
         else:
             self.vocab_size = impl.get_piece_size()
         self.dtype = token_dtype(self.vocab_size)
-        self._joined = None  # built on first use of encode_flat
+        self._joined = JoinedEncoder(self._backend, self.dtype) if self._backend is not None else None
 
     # -- encoding -------------------------------------------------------------------------------------
     def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids of all texts back to back, as self.dtype; each text's id count): what data preparation stores.
         Fast tokenizers join short texts (JoinedEncoder); the result equals `encode_batch`'s."""
-        if self._backend is not None:
-            if self._joined is None:
-                self._joined = JoinedEncoder(self._backend, self.dtype)
+        if self._joined is not None:
             return self._joined.flat(texts)
         return ids_to_flat(self.encode_batch(texts), self.dtype)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if self.kind == "huggingface":
-            if self._backend is not None:
-                enc = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
-                return [e.ids for e in enc(list(texts), add_special_tokens=False)]
+            if self._joined is not None:
+                return self._joined.per_doc(texts)
             return self._hf(list(texts), add_special_tokens=False)["input_ids"]
         return self._impl.encode(list(texts), out_type=int, num_threads=0 if self._threads else 1)
 
@@ -222,37 +220,42 @@ class JoinedEncoder:
     of the tokenizer's time.
 
     It is used only when it is exact:
-    - the separator is chosen (`_separators`) and checked at start-up: joined and per-document encoding of
-      _JOIN_PROBES must agree, else no separator is used (a tokenizer that treats input after an added token
-      differently from the start of a text, e.g. Metaspace with prepend_scheme="first", fails there);
+    - the separator is chosen (`_separators`) and checked on first use (`sep`): joined and per-document
+      encoding of _JOIN_PROBES and of texts made of the vocabulary must agree, else no separator is used (a
+      tokenizer that treats input after an added token differently from the start of a text, e.g. Metaspace
+      with prepend_scheme="first", fails there);
     - every batch is checked: the separator's text must occur exactly once per join (no document holds it)
       and its id exactly as often; any other batch is encoded document by document."""
 
     def __init__(self, backend, dtype):
+        self._backend = backend
         self._enc = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         self.dtype = np.dtype(dtype)
-        self.sep = None
-        vocab_probes = _vocab_probes(backend)
-        for sep in _separators(backend):
-            self.sep = sep
-            if self._agrees([p for p in _JOIN_PROBES + vocab_probes if sep[0] not in p]):
-                break
-            self.sep = None
+
+    @functools.cached_property
+    def sep(self) -> tuple[str, int] | None:
+        """(text, id) of the separator, or None: joining is off."""
+        vocab_probes = _vocab_probes(self._backend)
+        for sep in _separators(self._backend):
+            if self._agrees([p for p in _JOIN_PROBES + vocab_probes if sep[0] not in p], sep):
+                return sep
+        return None
 
     def per_doc(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._enc(list(texts), add_special_tokens=False)]
 
     def flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        got = self._joined(texts) if self.sep is not None and len(texts) > 1 else None
+        got = self._joined(texts) if len(texts) > 1 and self.sep is not None else None
         return got if got is not None else ids_to_flat(self.per_doc(texts), self.dtype)
 
-    def _agrees(self, texts: list[str]) -> bool:
-        got = self._joined(texts)
+    def _agrees(self, texts: list[str], sep: tuple[str, int]) -> bool:
+        got = self._joined(texts, sep)
         want = ids_to_flat(self.per_doc(texts), self.dtype)
         return got is not None and all(np.array_equal(a, b) for a, b in zip(got, want))
 
-    def _joined(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
-        sep_text, sep_id = self.sep
+    def _joined(self, texts: Sequence[str], sep: tuple[str, int] | None = None
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+        sep_text, sep_id = sep or self.sep
         n = len(texts)
         lens = np.fromiter(map(len, texts), np.int64, n)
         group = (np.cumsum(lens) - lens) // GROUP_CHARS  # a document's group: characters before it // size
