@@ -1,5 +1,5 @@
 """Per-class precision, recall, F1 and support, with scikit-learn's `classification_report` conventions
-(`output_dict=True, zero_division=0`), by plain counting so that the library does not depend on scikit-learn.
+(`output_dict=True, zero_division=0`), by plain counting: the runtime then does not depend on scikit-learn (the tests compare with it).
 
     classification_report(["a", "b", "a"], ["a", "a", "a"], labels=["a", "b"])
     -> {"a": {"precision": 0.667, "recall": 1.0, "f1-score": 0.8, "support": 2}, "b": {...},
@@ -84,3 +84,11 @@ def format_report(report: dict, title: str | None = None, digits: int = 4) -> st
         lines.append(f"{'accuracy':>{width}} {'':>9} {'':>9} {report['accuracy']:>9.{digits}f} {support:>9d}")
     lines += [row(a, report[a]) for a in avgs]
     return "\n".join(lines)
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> list[list[int]]:
+    """Counts [true label][predicted label] of label ids 0..n_labels-1 (scikit-learn's layout)."""
+    matrix = [[0] * n_labels for _ in range(n_labels)]
+    for t, p in zip(y_true, y_pred):
+        matrix[t][p] += 1
+    return matrix
