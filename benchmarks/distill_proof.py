@@ -506,13 +506,13 @@ def stage_finetune(r: Runner, classify_dir: str, paths: dict[str, str]) -> dict[
                 r.run(f"finetune_{name}_s{seed}", [
                     sys.executable, "launch/finetune.py", "--model", path, "--data", classify_dir, "--output", out,
                     "--epochs", str(a.finetune_epochs), "--lr", str(a.finetune_lr), "--batch-size", "16",
-                    "--max-length", str(a.finetune_max_length), "--patience", "0", "--seed", str(seed), "--tensorboard-dir", "",
+                    "--max-length", str(a.finetune_max_length), "--patience", "0", "--seed", str(seed), "--no-tensorboard",
                     "--no-progress"])
             rep = json.load(open(report_path))
-            test = rep["test"]
+            test = rep["results"]["test"]
             runs.append({"seed": seed, "test_accuracy": test["accuracy"],
-                         "test_macro_f1": test["macro avg"]["f1-score"], "best_epoch": rep["best_epoch"],
-                         "valid_accuracy": rep["validation"]["accuracy"],
+                         "test_macro_f1": test["macro_f1"], "best_epoch": rep["best_epoch"],
+                         "valid_accuracy": rep["results"]["validation"]["accuracy"],
                          "train_s": rep["timing"]["train_s"]})
             # the fine-tuned weights are not needed afterwards: keep the report, drop the model files
             for f in os.listdir(out):

@@ -135,6 +135,8 @@ def load_file(path: str):
     except DataError:
         raise
     except Exception as e:  # parse errors of pandas / pyarrow / json, wrapped by datasets
+        if "corresponds to no data" in str(e):  # a header and no record
+            raise DataError(path, "the split is empty (no records)") from None
         cause = e.__cause__ or e.__context__ or e
         raise DataError(path, f"cannot read the file as {EXTENSIONS[ext].upper()} ({type(cause).__name__}: "
                               f"{_first_line(cause)})") from None
@@ -270,7 +272,7 @@ def prepare(raw: dict, origins: dict[str, str], text_column: str, label_column: 
         origin = origins[name]
         check_columns(ds, origin, options)
         if len(ds) == 0:
-            raise DataError(origin, f"the {name} split is empty (no records)")
+            raise DataError(origin, "the split is empty (no records)")
         labels = ds[label_column]
         if name != "train" and all(v == HIDDEN_LABEL for v in labels):
             notes.append(f"{name} split left out: its labels are hidden (all {HIDDEN_LABEL})")

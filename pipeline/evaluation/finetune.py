@@ -236,6 +236,14 @@ def history(trainer) -> list[dict]:
             for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
 
 
+def best_epoch(trainer, metric: str) -> float | None:
+    """The epoch whose evaluation the best checkpoint is (the Trainer keeps its metric, not its epoch)."""
+    for entry in history(trainer):
+        if entry.get(f"eval_{metric}") == trainer.state.best_metric:
+            return entry.get("epoch")
+    return None
+
+
 def finish(cfg: FinetuneConfig, trainer, tokenizer, report: dict) -> dict:
     """Save the model and tokenizer, then report.json (last, atomically), and drop the checkpoints."""
     trainer.save_model(cfg.output)
@@ -362,6 +370,7 @@ def finetune(cfg: FinetuneConfig, data: TaskData | None = None) -> dict:
                    "bf16": bool(args.bf16)},
         "best_split": best_split,
         "best_checkpoint_metric": trainer.state.best_metric,
+        "best_epoch": best_epoch(trainer, metric),
         "epochs_run": trainer.state.epoch,
         "steps": trainer.state.global_step,
         "train_loss": train_out.training_loss,

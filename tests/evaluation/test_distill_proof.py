@@ -53,10 +53,10 @@ def test_classify_data_is_balanced_grouped_and_deterministic(dp, tmp_path):
     assert not groups["train"] & groups["validation"]
     assert not groups["validation"] & groups["test"]
     # the fine-tuning CLI's reader accepts the folder as it is
-    from pipeline.evaluation.classify_data import load_classification_data
+    from pipeline.evaluation.data import load_task_data
 
-    data = load_classification_data(str(tmp_path / "a"), "text", "label")
-    assert data.label_names == ["faq", "howto", "tutorial"] and data.test is not None
+    data = load_task_data(str(tmp_path / "a"), "text", "label")
+    assert data.label_names == ["faq", "howto", "tutorial"] and "test" in data.splits
 
 
 def test_the_task_is_not_one_keyword(dp, tmp_path):
