@@ -171,6 +171,9 @@ def training_arguments(cfg: FinetuneConfig, metric: str, ds_path: str | None, n_
         warmup_steps=cfg.warmup_ratio, lr_scheduler_type="linear", max_grad_norm=1.0,
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
         metric_for_best_model=metric, greater_is_better=True, save_only_model=ds is None,
+        # True would multiply every rank's loss by the number of ranks, meant for token-summed LM losses; a
+        # classification, regression or span loss is a per-example mean, so it would double the gradient on 2 ranks
+        average_tokens_across_devices=False,
         logging_strategy="steps", logging_steps=max(1, steps_per_epoch // 10), logging_first_step=True,
         report_to="none", disable_tqdm=not tqdm, seed=cfg.seed, data_seed=cfg.seed,
         use_cpu=not cuda, bf16=bf16, deepspeed=ds_path, dataloader_num_workers=0,

@@ -39,24 +39,20 @@ class ProgressLogCallback(TrainerCallback):
         self.step_last = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """The Trainer logs the mean training loss every `logging_steps`: a progress line goes with it, at most
+        one every `every_s` seconds (and always at the last step)."""
         logs = logs or {}
-        if "loss" in logs:
-            self.loss = logs["loss"]
-        if "learning_rate" in logs:
-            self.lr = logs["learning_rate"]
-
-    def on_step_end(self, args, state, control, **kwargs):
+        if "loss" not in logs or not state.is_world_process_zero:
+            return
+        self.loss, self.lr = logs["loss"], logs.get("learning_rate", self.lr)
         now = time.time()
-        last = state.global_step >= state.max_steps
-        if not state.is_world_process_zero or (now - self.t_last < self.every_s and not last):
+        if now - self.t_last < self.every_s and state.global_step < state.max_steps:
             return
         rate = (state.global_step - self.step_last) * self.examples_per_step / max(now - self.t_last, 1e-9)
         per_step = (now - self.t_start) / max(state.global_step, 1)
         eta = (state.max_steps - state.global_step) * per_step
         parts = [f"step {state.global_step}/{state.max_steps} ({100 * state.global_step / state.max_steps:.0f}%)",
-                 f"epoch {state.epoch:.2f}"]
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4f}")
+                 f"epoch {state.epoch:.2f}", f"loss {self.loss:.4f}"]
         if self.lr is not None:
             parts.append(f"lr {self.lr:.2e}")
         parts += [f"{rate:.0f} ex/s", f"ETA {duration(eta)}"]
