@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=32, help="global: examples per step over all ranks")
     p.add_argument("--eval-batch-size", type=int, default=None, help="per device (default 2 x train's)")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default 128; qa: 384)")
     p.add_argument("--warmup-ratio", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--patience", type=int, default=2, help="epochs without improvement before stopping (0: never)")
@@ -83,7 +83,8 @@ def config_from_args(args):
         valid_fraction=args.valid_fraction,
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else None,
         metric=args.metric, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, max_length=args.max_length, warmup_ratio=args.warmup_ratio,
+        eval_batch_size=args.eval_batch_size, max_length=args.max_length or (384 if qa else 128),
+        warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay, patience=args.patience, seed=args.seed,
         deepspeed=None if args.deepspeed.lower() == "none" else args.deepspeed,
         tensorboard=not args.no_tensorboard, keep_checkpoints=args.keep_checkpoints,

@@ -68,7 +68,7 @@ class FinetuneConfig:
     lr: float = 5e-5
     batch_size: int = 32  # global: examples per optimiser step over all ranks
     eval_batch_size: int | None = None  # per device (default 2 x the per-device train batch)
-    max_length: int = 128  # tokens per example (truncated; capped at the model's position embeddings)
+    max_length: int = 128  # tokens per example (truncated; capped at the model's position embeddings); qa: 384
     warmup_ratio: float = 0.0  # share of the optimiser steps with a linear warmup
     weight_decay: float = 0.0
     patience: int = 2  # epochs without a better validation metric before stopping (0: never stop early)
@@ -108,8 +108,8 @@ class FinetuneConfig:
                 problems.append(f"unknown metric {name!r}; known: {sorted(known)}")
         if self.deepspeed not in (None, "auto") and not os.path.isfile(self.deepspeed):
             problems.append(f"deepspeed: no such file {self.deepspeed!r}")
-        if self.task == "qa" and not 0 < self.doc_stride < self.max_length:
-            problems.append(f"doc_stride must be in (0, max_length), got {self.doc_stride}")
+        if self.doc_stride < 1:
+            problems.append(f"doc_stride must be >= 1, got {self.doc_stride}")
         if problems:
             raise FinetuneError("bad fine-tuning settings:\n  " + "\n  ".join(problems))
 
