@@ -106,9 +106,10 @@ def run_one(a, task: glue.GlueTask, seed: int, gpus: queue.Queue) -> dict:
     if not a.no_resume and os.path.exists(report_path):
         with open(report_path) as f:
             rep = json.load(f)
+        wall_path = os.path.join(out, "wall.json")
+        seconds = json.load(open(wall_path))["seconds"] if os.path.exists(wall_path) else rep["timing"]["total_s"]
         log.info("[glue] %s seed %d: reusing %s", task.name, seed, report_path)
-        return {"task": task.name, "seed": seed, "results": rep["results"], "seconds": rep["timing"]["total_s"],
-                "reused": True}
+        return {"task": task.name, "seed": seed, "results": rep["results"], "seconds": seconds, "reused": True}
     os.makedirs(out, exist_ok=True)
     gpu = gpus.get()
     env = dict(os.environ)
@@ -132,6 +133,7 @@ def run_one(a, task: glue.GlueTask, seed: int, gpus: queue.Queue) -> dict:
         return {"task": task.name, "seed": seed, "failed": rc, "seconds": seconds}
     with open(report_path) as f:
         rep = json.load(f)
+    write_json(os.path.join(out, "wall.json"), {"seconds": round(seconds, 2)})  # with the interpreter's start
     if not a.keep_models:
         for name in os.listdir(out):
             if name.endswith((".safetensors", ".bin")):
