@@ -6,6 +6,8 @@
 #   3. distillation (slurm/pretrain.sbatch): multi-node DeepSpeed, checkpoints, requeued on preemption
 #   4. export + evaluate (one small job): launch/export.py RUN_DIR EXPORT_DIR, then launch/evaluate.py on the
 #      validation split (student, and the teacher for comparison) -> EXPORT_DIR/eval.json
+#   5. optional, when GLUE_TASKS is set (all, or e.g. sst2,mrpc): the GLUE suite on the export (slurm/glue.sbatch)
+#      -> EXPORT_DIR/glue/glue.json; GLUE_SBATCH_ARGS adds sbatch options for it
 # A requeued pretrain job (preemption, time limit) keeps its job id, so job 4 still waits for it to finish.
 #
 # Usage (from anywhere; the jobs run from the repository root, which must be on a shared file system):
@@ -120,4 +122,10 @@ jid_export=$(submit export "${sbatch_all[@]}" --job-name="$JOB_NAME-export" --no
   --cpus-per-task=8 --time=01:00:00 --output="logs/%x-%j.out" "${sbatch_export[@]}" \
   --dependency=afterok:"$jid_train" --wrap="$wrap")
 echo "export/evaluate: $jid_export -> $export_dir, $export_dir/eval.json"
-echo "jobs: ${jid_prepare:+$jid_prepare $jid_join }$jid_train $jid_export   (squeue --me; scancel to stop the chain)"
+if [ -n "${GLUE_TASKS:-}" ]; then  # GLUE_TASKS itself reaches the job through --export=ALL
+  read -r -a sbatch_glue <<< "${GLUE_SBATCH_ARGS:-}"
+  jid_glue=$(submit glue "${sbatch_all[@]}" "${sbatch_glue[@]}" --export=ALL,MODEL="$export_dir" \
+    --dependency=afterok:"$jid_export" slurm/glue.sbatch)
+  echo "glue: $jid_glue ($GLUE_TASKS) -> $export_dir/glue/glue.json"
+fi
+echo "jobs: ${jid_prepare:+$jid_prepare $jid_join }$jid_train $jid_export${jid_glue:+ $jid_glue}   (squeue --me; scancel to stop the chain)"

@@ -114,3 +114,37 @@ def test_runner_bad_input(distil_student, glue_root, tmp_path):  # noqa: F811
                     "--seeds", "1")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "cola seed 1: failed (exit 2)" in proc.stdout and "column 'sentence': no such column" in proc.stdout
+
+
+def test_sbatch_script_builds_the_runner_command(tmp_path):
+    """slurm/glue.sbatch outside SLURM with a stand-in interpreter that prints what it was asked to run."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\nprintf '%s\\n' \"$@\"\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "MODEL": "/runs/export", "GLUE_TASKS": "sst2,mrpc", "SEEDS": "1,2",
+           "GPUS": "4", "GLUE_DATA": "/data/glue"}
+    env.pop("VENV", None)
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "glue.sbatch"), "--lr", "3e-5"], capture_output=True,
+                          text=True, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr
+    args = proc.stdout.splitlines()[2:]
+    assert args == ["launch/glue.py", "--model", "/runs/export", "--output", "/runs/export/glue", "--tasks",
+                    "sst2,mrpc", "--seeds", "1,2", "--gpus", "4", "--data-root", "/data/glue", "--lr", "3e-5"]
+    env.pop("MODEL")
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "glue.sbatch")], capture_output=True, text=True, env=env,
+                          cwd=str(ROOT))
+    assert proc.returncode != 0 and "set MODEL" in proc.stderr
+
+
+@pytest.mark.parametrize("tasks", ["", "all"])
+def test_submit_all_adds_the_suite_only_when_asked(tmp_path, tasks):
+    env = {**os.environ, "GLUE_TASKS": tasks}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "submit_all.sh"), "--dry-run", "--skip-prepare", "--data",
+                           "/d", "--run-dir", "/r"], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if tasks:
+        assert ("sbatch --parsable --export=ALL,MODEL=/r/export --dependency=afterok:\\<export\\> "
+                "slurm/glue.sbatch") in proc.stdout
+        assert "jobs: <pretrain> <export> <glue>" in proc.stdout
+    else:
+        assert "glue" not in proc.stdout
