@@ -284,6 +284,19 @@ def tokenize(data: TaskData, tokenizer, max_length: int):
             for name, ds in data.splits.items()}
 
 
+def task_metric_names(cfg: FinetuneConfig, kind: str) -> tuple[tuple[str, ...], str]:
+    """The reported metrics and the best-epoch metric, checked against the task kind."""
+    names = tuple(cfg.metrics or DEFAULT_METRICS[kind])
+    metric = cfg.metric or names[0]
+    if metric not in names:
+        names += (metric,)
+    fitting = task_metrics.REGRESSION if kind == "regression" else task_metrics.CLASSIFICATION
+    bad = [n for n in names if n not in fitting]
+    if bad:
+        raise FinetuneError(f"metrics {bad} do not apply to a {kind} task; use {sorted(fitting)}")
+    return names, metric
+
+
 def metric_function(kind: str, names):
     def compute(pred) -> dict:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
@@ -327,15 +340,7 @@ def finetune(cfg: FinetuneConfig, data: TaskData | None = None) -> dict:
         say("[finetune] %s", note)
     say("[finetune] %s on %s; %s", data.kind, " + ".join(data.text_columns),
         ", ".join(f"{k} {len(v)}" for k, v in data.splits.items()))
-    names = tuple(cfg.metrics or DEFAULT_METRICS[data.kind])
-    metric = cfg.metric or names[0]
-    if metric not in names:
-        names = names + (metric,)
-    bad = [n for n in names if n not in (task_metrics.REGRESSION if data.kind == "regression"
-                                         else task_metrics.CLASSIFICATION)]
-    if bad:
-        raise FinetuneError(f"metrics {bad} do not apply to a {data.kind} task; use "
-                            f"{sorted(task_metrics.REGRESSION if data.kind == 'regression' else task_metrics.CLASSIFICATION)}")
+    names, metric = task_metric_names(cfg, data.kind)
 
     set_seed(cfg.seed)  # the fresh head's initialisation (the same on every rank)
     tokenizer = load_tokenizer(cfg.model)

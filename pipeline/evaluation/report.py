@@ -1,5 +1,6 @@
 """Per-class precision, recall, F1 and support, with scikit-learn's `classification_report` conventions
-(`output_dict=True, zero_division=0`), by plain counting: the runtime then does not depend on scikit-learn (the tests compare with it).
+(`output_dict=True, zero_division=0`), by plain counting: the runtime then does not depend on scikit-learn (the
+tests compare the two).
 
     classification_report(["a", "b", "a"], ["a", "a", "a"], labels=["a", "b"])
     -> {"a": {"precision": 0.667, "recall": 1.0, "f1-score": 0.8, "support": 2}, "b": {...},

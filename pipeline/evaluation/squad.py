@@ -235,8 +235,9 @@ def finetune_qa(cfg) -> dict:
     import torch
     from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, set_seed
 
-    from .finetune import (best_epoch, build_trainer, check_deepspeed_config, finish, history, is_main_process, load_model,
-                           load_tokenizer, max_length_for, resolve_deepspeed, training_arguments)
+    from .finetune import (FinetuneError, best_epoch, build_trainer, check_deepspeed_config, finish, history,
+                           is_main_process, load_model, load_tokenizer, max_length_for, resolve_deepspeed,
+                           training_arguments)
 
     t_start = time.time()
     ds_path = resolve_deepspeed(cfg.deepspeed, torch.cuda.is_available())
@@ -250,13 +251,11 @@ def finetune_qa(cfg) -> dict:
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     if not getattr(tokenizer, "is_fast", False):
-        from .finetune import FinetuneError
         raise FinetuneError(f"{cfg.model}: question answering needs a fast tokenizer (tokenizer.json) for the "
                             "offset mapping")
     model = load_model(AutoModelForQuestionAnswering, cfg.model)
     max_length = max_length_for(cfg.max_length, model, tokenizer)
     if not 0 < cfg.doc_stride < max_length:
-        from .finetune import FinetuneError
         raise FinetuneError(f"doc_stride {cfg.doc_stride} must be below the window length {max_length}")
     train = splits["train"]
     if cfg.max_train_samples:

@@ -51,7 +51,8 @@ def test_every_format_gives_the_same_task(tmp_path, fmt):
     assert texts == sorted(r["text"] for r in rows)
     assert set(data.splits["train"]["labels"]) == {0, 1}
     again = load_task_data(str(path), valid_fraction=0.2, seed=1)
-    assert list(again.splits["validation"]["text"]) == list(data.splits["validation"]["text"])  # the held-out part is seeded
+    # the held-out part is seeded
+    assert list(again.splits["validation"]["text"]) == list(data.splits["validation"]["text"])
 
 
 def test_folder_of_glue_shaped_pair_splits(tmp_path):

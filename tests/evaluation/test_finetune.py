@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.evaluation.finetune import FinetuneConfig, FinetuneError, finetune
+from pipeline.evaluation.finetune import FinetuneConfig, finetune
 
 ROOT = Path(__file__).resolve().parents[2]
 POS = ["great", "excellent", "wonderful", "fantastic", "superb", "delightful", "brilliant", "lovely"]

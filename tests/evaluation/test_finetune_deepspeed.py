@@ -37,8 +37,8 @@ def data(tmp_path_factory) -> Path:
     return d
 
 
-ARGS = ["--epochs", "4", "--lr", "1e-2", "--warmup-ratio", "0.1", "--batch-size", "8", "--max-length", "32", "--patience", "0",
-        "--seed", "0", "--no-progress", "--progress-every", "1000"]
+ARGS = ["--epochs", "4", "--lr", "1e-2", "--warmup-ratio", "0.1", "--batch-size", "8", "--max-length", "32",
+        "--patience", "0", "--seed", "0", "--no-progress", "--progress-every", "1000"]
 
 
 def run_finetune(student, data, out, *, ranks: int) -> subprocess.CompletedProcess:
