@@ -149,3 +149,26 @@ def test_folder_errors(tmp_path):
     write_csv(other / "test.csv", sentiment_rows(3, seed=1))
     with pytest.raises(DataError, match=r"no train file .*\['test.csv'\]"):
         load_task_data(str(other))
+
+
+def test_hub_shaped_splits_keep_classlabel_names_and_drop_hidden_labels():
+    """What `load_dataset("nyu-mll/glue", "sst2")` returns, built locally: ClassLabel ids and names, a test split
+    with hidden labels (-1)."""
+    import datasets
+
+    from pipeline.evaluation.data import prepare
+
+    features = datasets.Features({"sentence": datasets.Value("string"), "idx": datasets.Value("int32"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+
+    def split(labels):
+        return datasets.Dataset.from_dict({"sentence": [f"s {i}" for i in range(len(labels))],
+                                           "idx": list(range(len(labels))), "label": labels}, features=features)
+
+    raw = {"train": split([1, 0, 1, 1]), "validation": split([0, 1]),
+           "test": datasets.Dataset.from_dict({"sentence": ["t"], "idx": [0], "label": [-1]})}
+    origins = {s: f"hf:nyu-mll/glue#config=sst2[{s}]" for s in raw}
+    data = prepare(raw, origins, "sentence", "label")
+    assert data.label_names == ["negative", "positive"] and data.eval_splits == ["validation"]
+    assert list(data.splits["train"]["labels"]) == [1, 0, 1, 1]
+    assert data.notes == ["test split left out: its labels are hidden (all -1)"]
