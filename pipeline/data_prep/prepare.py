@@ -17,26 +17,26 @@ import pickle
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from operator import methodcaller
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import format as fmt
-from .cleaning import CleanConfig, clean, decode, ready_text, ready_texts
-from .sources import BadFileError, DocBlock, PieceStats, Source, describe_location, group_units, iter_piece, \
-    parse_spec, plan_pieces
-from .tokenizer import TextTokenizer, load_prep_tokenizer, worker_tokenizer
+from pipeline import shards as fmt
+from pipeline.fileio import atomic_write
+from pipeline.settings import check, doc
 
-log = logging.getLogger("pipeline.data_prep")
+from .cleaning import CleanConfig, clean, decode
+from .sources import BadFileError, PieceStats, Source, describe_location, group_units, iter_piece, parse_spec, \
+    plan_pieces
+from .tokenizer import Encoder, PrepTokenizer, flat_ids, load_prep_tokenizer, single_threaded
+
+log = logging.getLogger(__name__)
 
 MAX_LIVE_WARNINGS = 20
 MAX_BAD_RECORDS_PER_UNIT = 100
 BATCH_DOCS, BATCH_CHARS = 1024, 1 << 20  # a batch goes to the tokenizer once it has this many documents or chars
-_DIGEST = methodcaller("digest")
 
 
 class PrepareError(RuntimeError):
@@ -45,29 +45,33 @@ class PrepareError(RuntimeError):
 
 @dataclass
 class PrepareConfig:
-    """Settings of one preparation run. Fields marked (plan) are part of the dataset's identity: a re-run
-    into the same output folder must use the same values."""
+    """Settings of one preparation run (`launch/prepare_data.py --help` lists them). Fields marked (plan) are
+    part of the dataset's identity: a re-run into the same output folder must use the same values."""
 
-    inputs: list  # input specs (see sources.py)
-    output: str  # dataset folder
-    tokenizer: str = "bert-base-uncased"  # (plan) HF name or folder, or a SentencePiece .model file
-    workers: int = 1  # processes; 1 lets the tokenizer use its own threads on all cores
-    text_field: str = "text"  # (plan) default field of JSON / Parquet / dataset records
-    text_mode: str = "paragraphs"  # (plan) plain text: "paragraphs" (blank-line separated) or "lines"
-    valid_fraction: float = 0.005  # (plan) share of documents in the validation split
-    split_seed: str = "distil"  # (plan) salt of the document hash that assigns splits
-    unit_mb: float | None = None  # (plan) input bytes per unit/shard; None: auto (corpus/64, 1..64 MiB)
-    max_doc_chars: int = 1_000_000  # (plan) longer documents are cut into pieces at whitespace
-    max_record_mb: int = 64  # (plan) JSON records longer than this are skipped
-    max_junk_fraction: float = 0.1  # (plan) documents with more junk characters are dropped as binary
-    on_bad_file: str = "error"  # "error" stops on an unreadable file; "skip" leaves it out and counts it
-    verify_existing: str = "full"  # resume check of completed units: "full" (sha256) or "size"
-    array_task: int = 0  # this task's index in a SLURM array
-    array_count: int = 1  # tasks in the array
-    overwrite: bool = False  # delete an existing dataset in `output` first
-    join: bool = True  # write manifest.json at the end (single task only)
-    progress: bool = True
-    command: list = field(default_factory=lambda: list(sys.argv))
+    inputs: list = doc("input specs: file, folder, glob, hf:NAME or disk:FOLDER, with #key=value options "
+                       "(see sources.py)", default_factory=list)
+    output: str = doc("dataset folder", "runs/sample/data")
+    tokenizer: str = doc("(plan) Hugging Face name or folder, or a SentencePiece .model file", "bert-base-uncased")
+    workers: int = doc("processes; 1 lets the tokenizer use its own threads on all cores", 1)
+    text_field: str = doc("(plan) default field of JSON / Parquet / dataset records", "text")
+    text_mode: str = doc("(plan) plain text: documents separated by blank lines, or one per line", "paragraphs",
+                         choices=("paragraphs", "lines"))
+    valid_fraction: float = doc("(plan) share of documents in the validation split", 0.005)
+    split_seed: str = doc("(plan) salt of the document hash that assigns splits", "distil")
+    unit_mb: float | None = doc("(plan) input MiB per unit/shard; default: auto (corpus/64, 1..64 MiB)", None)
+    max_doc_chars: int = doc("(plan) longer documents are cut into pieces at whitespace", 1_000_000)
+    max_record_mb: int = doc("(plan) JSON records longer than this are skipped", 64)
+    max_junk_fraction: float = doc("(plan) documents with more junk characters are dropped as binary", 0.1)
+    on_bad_file: str = doc("an unreadable file stops the run (error), or is left out and counted (skip)", "error",
+                           choices=("error", "skip"))
+    verify_existing: str = doc("how completed units are checked on resume: full (sha256) or size", "full",
+                               choices=("full", "size"))
+    array_task: int = doc("this task's index in a SLURM array (default: from SLURM_ARRAY_TASK_ID)", 0)
+    array_count: int = doc("tasks in the array (default: from the SLURM_ARRAY_* variables)", 1)
+    overwrite: bool = doc("delete an existing dataset in the output folder first", False)
+    join: bool = doc("write manifest.json at the end (single task only)", True)
+    progress: bool = doc("show a progress bar", True)
+    command: list = doc("the command line recorded in the plan", default_factory=lambda: list(sys.argv))
 
     def problems(self) -> list[str]:
         p = []
@@ -77,12 +81,6 @@ class PrepareConfig:
             p.append(f"workers: must be >= 1, got {self.workers}")
         if not 0 <= self.valid_fraction < 1:
             p.append(f"valid_fraction: must be in [0, 1), got {self.valid_fraction}")
-        if self.text_mode not in ("paragraphs", "lines"):
-            p.append(f"text_mode: 'paragraphs' or 'lines', got {self.text_mode!r}")
-        if self.on_bad_file not in ("error", "skip"):
-            p.append(f"on_bad_file: 'error' or 'skip', got {self.on_bad_file!r}")
-        if self.verify_existing not in ("full", "size"):
-            p.append(f"verify_existing: 'full' or 'size', got {self.verify_existing!r}")
         if not 0 <= self.array_task < max(self.array_count, 1):
             p.append(f"array_task: must be in [0, {self.array_count}), got {self.array_task}")
         if self.overwrite and self.array_count > 1:
@@ -106,7 +104,7 @@ def _plan_settings(cfg: PrepareConfig, unit_bytes: int) -> dict:
             "on_bad_file": cfg.on_bad_file}
 
 
-def make_plan(cfg: PrepareConfig, tok: TextTokenizer) -> dict:
+def make_plan(cfg: PrepareConfig, tok: PrepTokenizer) -> dict:
     sources = [parse_spec(s, i, cfg.text_field, cfg.text_mode) for i, s in enumerate(cfg.inputs)]
     unit_bytes = None if cfg.unit_mb is None else max(1, int(cfg.unit_mb * (1 << 20)))
     pieces, notes, unit_bytes = plan_pieces(sources, unit_bytes)
@@ -153,19 +151,12 @@ def ensure_plan(out: str, plan: dict, overwrite: bool) -> None:
                 shutil.rmtree(p)
             elif os.path.exists(p):
                 os.unlink(p)
-    os.makedirs(out, exist_ok=True)
-    tmp = f"{path}{fmt.TMP_MARK}{os.getpid()}-{socket.gethostname()}"
-    with open(tmp, "w") as f:
-        json.dump(plan, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
     try:
-        os.link(tmp, path)
+        with atomic_write(path, "w", exclusive=True) as f:
+            json.dump(plan, f, indent=1)
         return
     except FileExistsError:
         pass
-    finally:
-        os.unlink(tmp)
     with open(path) as f:
         existing = json.load(f)
     if existing.get("plan_id") != plan["plan_id"]:
@@ -180,37 +171,18 @@ def ensure_plan(out: str, plan: dict, overwrite: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 class _Worker:
-    """Per-process state: the tokenizer and the plan, loaded once by the pool initializer."""
+    """Per-process state: the plan and the encoder, and a way to send messages to the main process."""
 
-    def __init__(self, out: str, plan: dict, tokenizer, verify: str, messages):
+    def __init__(self, out: str, plan: dict, encoder: Encoder, verify: str, send):
         self.out = out
         self.plan = plan
-        self.tok = tokenizer  # a TextTokenizer, or its encode-only twin in worker processes
+        self.encoder = encoder
         self.sources = [Source(**s) for s in plan["sources"]]
-        st = plan["settings"]
-        self.clean_cfg = CleanConfig(max_doc_chars=st["max_doc_chars"], max_junk_fraction=st["max_junk_fraction"])
-        self.valid_threshold = int(st["valid_fraction"] * 2 ** 64)
-        self.split_key = hashlib.sha256(st["split_seed"].encode()).digest()[:16]
-        self._split_hasher = functools.partial(hashlib.blake2b, digest_size=8, key=self.split_key)
         self.verify = verify
-        self.messages = messages  # queue to the main process, or a callable when running inline
-
-    def send(self, kind: str, payload) -> None:
-        if callable(self.messages):
-            self.messages(kind, payload)
-        else:
-            self.messages.put((kind, payload))
-
-    def valid_mask(self, blobs: list[bytes]) -> np.ndarray:
-        """Which documents (given as UTF-8 bytes) go to the validation split: those whose keyed hash,
-        blake2b(doc, digest_size=8, key=split_key) read as a little-endian integer, is below the threshold.
-        Maps and one numpy comparison: no Python step per document."""
-        if self.valid_threshold >= 1 << 64:
-            return np.ones(len(blobs), bool)
-        digests = b"".join(map(_DIGEST, map(self._split_hasher, blobs)))
-        return np.frombuffer(digests, "<u8") < np.uint64(self.valid_threshold)
+        self.send = send  # send(kind, payload): "progress" or "warning"
 
     def run(self, unit: dict) -> dict:
+        """Tokenize a unit, or take it as done when its record and files check out (resume)."""
         paths = fmt.unit_paths(unit["id"])
         record_path = os.path.join(self.out, paths["record"])
         if os.path.exists(record_path):
@@ -229,7 +201,7 @@ class _Worker:
         skipped: dict = {}
         while True:
             try:
-                rec = self._tokenize_unit(unit, paths, skipped)
+                rec = _UnitRun(self, unit, paths, skipped).run()
                 break
             except BadFileError as e:
                 if self.plan["settings"]["on_bad_file"] != "skip" or e.path in skipped:
@@ -237,207 +209,209 @@ class _Worker:
                 skipped[e.path] = e.reason
                 self.send("warning", f"skipping unreadable file {e.path}: {e.reason} (unit {unit['id']} redone "
                                      f"without it)")
-        fmt.atomic_write_json(record_path, rec)
+        with atomic_write(record_path, "w") as f:
+            json.dump(rec, f, indent=1)
         return rec
 
-    def _tokenize_unit(self, unit: dict, paths: dict, skipped: dict) -> dict:
+
+class _UnitRun:
+    """One attempt at a unit: reads its pieces, cleans the documents, tokenizes them a batch at a time and
+    streams them into the shard writers; `run()` returns the unit's record."""
+
+    def __init__(self, worker: _Worker, unit: dict, paths: dict, skipped: dict):
+        self.w, self.unit, self.paths, self.skipped = worker, unit, paths, skipped
+        st = worker.plan["settings"]
+        self.clean_cfg = CleanConfig(max_doc_chars=st["max_doc_chars"], max_junk_fraction=st["max_junk_fraction"])
+        self.valid_threshold = int(st["valid_fraction"] * 2 ** 64)
+        self.split_hash = functools.partial(hashlib.blake2b, digest_size=8,
+                                            key=hashlib.sha256(st["split_seed"].encode()).digest()[:16])
+        self.dtype = np.dtype(worker.plan["dtype"])
+        self.vocab_size = worker.plan["tokenizer"]["vocab_size"]
+        self.counts = np.zeros(self.vocab_size, np.int64)
+        self.dropped, self.repaired, self.bad_counts = Counter(), Counter(), Counter()
+        self.bad_records: list = []
+        self.docs_read = 0
+        self.tokenizer_s = 0.0  # time in the tokenizer, ids included (the rest of `seconds` is our own work)
+        self.texts: list[str] = []  # the batch for the tokenizer
+        self.chars = 0
+
+    def run(self) -> dict:
         t0 = time.perf_counter()
-        tok = self.tok
-        writers = {s: fmt.ShardWriter(self.out, paths[f"{s}_bin"], paths[f"{s}_idx"], tok.dtype) for s in fmt.SPLITS}
-        counts = np.zeros(tok.vocab_size, np.int64)
-        dropped, repaired, bad_counts = Counter(), Counter(), Counter()
-        bad_records: list = []
-        piece_lines: list = []
-        docs_read = 0
-        tokenizer_s = 0.0  # time in the tokenizer, ids included (the rest of `seconds` is our own work)
-        batch: list[str] = []  # texts for the tokenizer
-        blobs: list[bytes] = []  # their UTF-8 bytes, for the split hash
-        batch_chars = 0
-
-        def flush() -> None:
-            nonlocal batch, blobs, batch_chars, tokenizer_s
-            if not batch:
-                return
-            t_enc = time.perf_counter()
-            flat, lengths = tok.encode_flat(batch)
-            tokenizer_s += time.perf_counter() - t_enc
-            valid = self.valid_mask(blobs)
-            if not lengths.all():  # text that tokenizes to nothing (e.g. only unknown whitespace)
-                dropped["no_tokens"] += int((lengths == 0).sum())
-                keep = lengths > 0
-                valid, lengths = valid[keep], lengths[keep]
-            n_docs, n_tokens = len(lengths), len(flat)
-            if valid.any():
-                token_valid = np.repeat(valid, lengths)
-                writers["valid"].add(flat[token_valid], lengths[valid])
-                flat, lengths = flat[~token_valid], lengths[~valid]
-            writers["train"].add(flat, lengths)
-            counts[:] += np.bincount(flat, minlength=tok.vocab_size)[: tok.vocab_size]
-            self.send("progress", (n_docs, n_tokens, batch_chars))
-            batch, blobs, batch_chars = [], [], 0
-
-        def flush_if_full() -> None:
-            if len(batch) >= BATCH_DOCS or batch_chars >= BATCH_CHARS:
-                flush()
-
-        max_chars = self.clean_cfg.max_doc_chars
-
-        def add(payload, loc, flag, bad) -> None:  # one document
-            nonlocal batch_chars
-            # fast path, most documents: text that needs no cleaning, not cut from a longer one (flag).
-            # The calls it saves cost ~1 us per document, ~5% of the tokenizer's time on short documents.
-            text = None if flag else ready_text(payload, max_chars)
-            if text is not None:
-                batch.append(text)
-                blobs.append(payload if payload.__class__ is bytes else text.encode("utf-8", "surrogatepass"))
-                batch_chars += len(text)
-            else:
-                if isinstance(payload, bytes):
-                    text, utf8_repaired = decode(payload)
-                    was_cut = flag
-                else:
-                    text, utf8_repaired, was_cut = payload, flag, False
-                pieces, reason, repairs = clean(text, self.clean_cfg, utf8_repaired)
-                if was_cut:
-                    repairs.append("split_long")
-                for r in repairs:
-                    repaired[r] += 1
-                if reason:
-                    dropped[reason] += 1
-                    if reason == "binary":
-                        bad(reason, loc, "document is mostly invalid UTF-8 or control characters")
-                    return
-                batch.extend(pieces)
-                blobs.extend(p.encode("utf-8", "surrogatepass") for p in pieces)
-                batch_chars += sum(map(len, pieces))
-            flush_if_full()
+        self.writers = {s: fmt.ShardWriter(self.w.out, self.paths[f"{s}_bin"], self.paths[f"{s}_idx"], self.dtype)
+                        for s in fmt.SPLITS}
         try:
-            for pi, piece in enumerate(unit["pieces"]):
-                if piece["path"] in skipped:
-                    piece_lines.append(None)
-                    continue
-                source = self.sources[piece["source"]]
-                pstats = PieceStats()
-
-                def bad(reason, loc, detail, piece=piece, pi=pi):
-                    bad_counts[reason] += 1
-                    if len(bad_records) < MAX_BAD_RECORDS_PER_UNIT:
-                        bad_records.append({"piece": pi, "loc": loc, "reason": reason, "detail": detail[:200]})
-                    self.send("warning", f"{describe_location(piece, loc)}: skipped record ({reason}: {detail[:120]})")
-
-                max_record = self.plan["settings"]["max_record_bytes"]
-                for payload, loc, flag in iter_piece(piece, source, max_chars, max_record, pstats, bad, blocks=True):
-                    if payload.__class__ is not DocBlock:
-                        docs_read += 1
-                        add(payload, loc, flag, bad)
-                        continue
-                    # Whole documents of one read of a text file, a slice at a time: when all of a slice are
-                    # ready (almost always), they join the batch together, with no Python step per document.
-                    # Slices are decoded just before they are tokenized, while their bytes are still in cache.
-                    docs = payload.docs
-                    docs_read += len(docs)
-                    for lo in range(0, len(docs), BATCH_DOCS):
-                        part = docs[lo:lo + BATCH_DOCS]
-                        texts = ready_texts(part, max_chars)
-                        if texts is None:
-                            for i, doc in enumerate(part, lo):
-                                add(doc, payload.line_of(i), False, bad)
-                            continue
-                        batch.extend(texts)
-                        blobs.extend(part)
-                        batch_chars += sum(map(len, texts))
-                        flush_if_full()
-                piece_lines.append(pstats.lines)
-            flush()
-            splits = {s: w.commit() for s, w in writers.items()}
+            piece_lines = [self.read_piece(i, piece) for i, piece in enumerate(self.unit["pieces"])]
+            self.flush()
+            splits = {s: w.commit() for s, w in self.writers.items()}
         except BaseException:
-            for w in writers.values():
+            for w in self.writers.values():
                 w.abort()
             raise
         buf = io.BytesIO()
-        np.save(buf, counts)
-        counts_path = os.path.join(self.out, paths["counts"])
-        fmt.atomic_write_bytes(counts_path, buf.getvalue())
+        np.save(buf, self.counts)
+        with atomic_write(os.path.join(self.w.out, self.paths["counts"])) as f:
+            f.write(buf.getvalue())
         return {
-            "unit": unit["id"], "plan_id": self.plan["plan_id"], "splits": splits,
-            "counts": {"file": paths["counts"], "bytes": len(buf.getvalue()),
+            "unit": self.unit["id"], "plan_id": self.w.plan["plan_id"], "splits": splits,
+            "counts": {"file": self.paths["counts"], "bytes": len(buf.getvalue()),
                        "sha256": hashlib.sha256(buf.getvalue()).hexdigest()},
-            "stats": {"documents_read": docs_read, "dropped": dict(dropped), "repaired": dict(repaired),
-                      "bad_records": dict(bad_counts)},
-            "piece_lines": piece_lines, "bad_records": bad_records,
-            "skipped_files": [{"path": p, "reason": r} for p, r in skipped.items()],
-            "seconds": round(time.perf_counter() - t0, 3), "tokenizer_seconds": round(tokenizer_s, 3),
+            "stats": {"documents_read": self.docs_read, "dropped": dict(self.dropped),
+                      "repaired": dict(self.repaired), "bad_records": dict(self.bad_counts)},
+            "piece_lines": piece_lines, "bad_records": self.bad_records,
+            "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped.items()],
+            "seconds": round(time.perf_counter() - t0, 3), "tokenizer_seconds": round(self.tokenizer_s, 3),
             "host": socket.gethostname(),
         }
 
+    def read_piece(self, index: int, piece: dict) -> int | None:
+        """Every document of one piece into the batches; returns the lines that start in the piece (None when
+        its file is skipped)."""
+        if piece["path"] in self.skipped:
+            return None
+        stats = PieceStats()
+        st = self.w.plan["settings"]
 
+        def bad(reason: str, loc: int, detail: str) -> None:
+            self.bad_counts[reason] += 1
+            if len(self.bad_records) < MAX_BAD_RECORDS_PER_UNIT:
+                self.bad_records.append({"piece": index, "loc": loc, "reason": reason, "detail": detail[:200]})
+            self.w.send("warning", f"{describe_location(piece, loc)}: skipped record ({reason}: {detail[:120]})")
+
+        source = self.w.sources[piece["source"]]
+        for payload, loc, flag in iter_piece(piece, source, st["max_doc_chars"], st["max_record_bytes"], stats, bad):
+            self.docs_read += 1
+            self.add(payload, loc, flag, bad)
+        return stats.lines
+
+    def add(self, payload: str | bytes, loc: int, flag: bool, bad) -> None:
+        """One document as read (text bytes: flag = cut from a longer one; JSON text: flag = UTF-8 repaired)."""
+        if isinstance(payload, bytes):
+            text, utf8_repaired = decode(payload)
+            was_cut = flag
+        else:
+            text, utf8_repaired, was_cut = payload, flag, False
+        pieces, reason, repairs = clean(text, self.clean_cfg, utf8_repaired)
+        self.repaired.update(repairs + ["split_long"] * was_cut)
+        if reason:
+            self.dropped[reason] += 1
+            if reason == "binary":
+                bad(reason, loc, "document is mostly invalid UTF-8 or control characters")
+            return
+        self.texts += pieces
+        self.chars += sum(map(len, pieces))
+        if len(self.texts) >= BATCH_DOCS or self.chars >= BATCH_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Tokenize the batch (one call of the tokenizer), assign each document's split, write and count."""
+        texts, chars = self.texts, self.chars
+        if not texts:
+            return
+        self.texts, self.chars = [], 0
+        t0 = time.perf_counter()
+        flat, lengths = flat_ids(self.w.encoder(texts), self.dtype)
+        self.tokenizer_s += time.perf_counter() - t0
+        valid = self.valid_mask(texts)
+        if not lengths.all():  # text that tokenizes to nothing (e.g. only unknown whitespace)
+            self.dropped["no_tokens"] += int((lengths == 0).sum())
+            valid, lengths = valid[lengths > 0], lengths[lengths > 0]
+        n_docs, n_tokens = len(lengths), len(flat)
+        if valid.any():
+            token_valid = np.repeat(valid, lengths)
+            self.writers["valid"].add(flat[token_valid], lengths[valid])
+            flat, lengths = flat[~token_valid], lengths[~valid]
+        self.writers["train"].add(flat, lengths)
+        self.counts += np.bincount(flat, minlength=self.vocab_size)[: self.vocab_size]
+        self.w.send("progress", (n_docs, n_tokens, chars))
+
+    def valid_mask(self, texts: list[str]) -> np.ndarray:
+        """Which documents go to the validation split: those whose keyed hash, blake2b(UTF-8 text,
+        digest_size=8, key=sha256(split_seed)[:16]) read as a little-endian integer, is below the threshold."""
+        if self.valid_threshold >= 1 << 64:
+            return np.ones(len(texts), bool)
+        digests = b"".join(self.split_hash(t.encode("utf-8", "surrogatepass")).digest() for t in texts)
+        return np.frombuffer(digests, "<u8") < np.uint64(self.valid_threshold)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker processes
+# ---------------------------------------------------------------------------------------------------------
+# Workers are spawned (fresh interpreters), never forked, on every platform. Forking copies whatever locks the
+# parent's other threads hold at that moment, and the parent is not always single-threaded: loading a
+# tokenizer through transformers imports torch, a fast tokenizer may have started its Rust thread pool, and
+# prepare() can be called from a notebook or a test process. A spawned worker imports numpy, tokenizers and
+# this package (no transformers, no torch: it gets the tokenizer's encoder, pickled) and costs a fraction of
+# a second once per run. The encoder travels pickled and is rebuilt on the worker's first unit, inside the
+# unit's error handling: a Pool initializer that raised would be restarted by multiprocessing forever.
+
+_SETUP: tuple | None = None  # (out, plan, pickled encoder, verify, messages), from the pool initializer
 _WORKER: _Worker | None = None
-_MESSAGES = None  # a pool worker's queue to the main process
-_INHERITED = None  # what a forked pool worker got from the main process (see _init_worker)
-
-
-def _init_worker(messages, inherited: tuple | None = None) -> None:
-    """Pool initializer. Forked workers inherit (out, plan, tokenizer, verify) from the main process; spawned
-    ones start before the main process has loaded the tokenizer and get what they need from a context file
-    named in each task (see `prepare`). Nothing here can fail: an initializer that raises makes
-    multiprocessing.Pool replace the process, forever (a hang)."""
-    global _MESSAGES, _WORKER, _INHERITED
-    _MESSAGES = messages
-    _WORKER = None  # a forked worker must not inherit an earlier inline run's state
-    _INHERITED = inherited
-
-
-def _pool_context():
-    """How the worker processes start. fork where it is safe: on Linux, from a process with one thread (read
-    from /proc, so native threads count too: a tokenizer's Rayon pool, a monitor thread). No other thread can
-    then hold a lock the children would inherit locked. A forked worker starts at once, with this process's
-    modules already imported; a spawned one starts an interpreter and imports them again (on 2 cores the first
-    unit started 0.1 s later, of a 0.35 s start). Everywhere else: spawn."""
-    try:
-        one_thread = len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        one_thread = False
-    return mp.get_context("fork" if one_thread and sys.platform.startswith("linux") else "spawn")
 
 
 class _WorkerSetupError(RuntimeError):
-    """A pool worker could not build its tokenizer: every unit would fail the same way."""
+    """A pool worker could not rebuild the tokenizer: every unit would fail the same way."""
 
 
-def _worker(context_path: str | None) -> _Worker:
-    """This process's _Worker, built on its first unit: from what it inherited, or from the context file
-    written by `prepare`."""
+def _init_worker(*setup) -> None:
+    global _SETUP
+    single_threaded()
+    _SETUP = setup
+
+
+def _worker() -> _Worker:
     global _WORKER
     if _WORKER is None:
+        out, plan, encoder, verify, messages = _SETUP
         try:
-            if _INHERITED is not None:
-                out, plan, tok, verify = _INHERITED
-            else:
-                with open(context_path, "rb") as f:
-                    out, plan, tokenizer_spec, verify = pickle.load(f)
-                tok = worker_tokenizer(tokenizer_spec, threads=False)
-                if tokenizer_spec[0] == "load" and tok.info().fingerprint != plan["tokenizer"]["fingerprint"]:
-                    raise PrepareError(f"tokenizer {tokenizer_spec[1]} loaded differently in a worker process")
+            encoder = pickle.loads(encoder)
         except Exception as e:
             raise _WorkerSetupError(f"{type(e).__name__}: {e}") from None
-        _WORKER = _Worker(out, plan, tok, verify=verify, messages=_MESSAGES)
-        _WORKER.send("ready", os.getpid())
+        _WORKER = _Worker(out, plan, encoder, verify, lambda kind, payload: messages.put((kind, payload)))
     return _WORKER
 
 
-def _run_unit(task: tuple):
-    """(unit, context file or None inline) -> (unit id, record or None, error or None)."""
-    unit, context_path = task
+def _run_unit(unit: dict, worker: _Worker | None = None):
+    """unit -> (unit id, record or None, error or None); errors are reported, so that other units go on."""
     try:
-        return unit["id"], _worker(context_path).run(unit), None
+        return unit["id"], (worker or _worker()).run(unit), None
     except _WorkerSetupError as e:
         return unit["id"], None, e
     except (BadFileError, OSError, PrepareError) as e:
         return unit["id"], None, f"{type(e).__name__}: {e}"
-    except Exception as e:  # report, don't kill the pool: other units keep going and are resumable
+    except Exception as e:
         import traceback
 
         return unit["id"], None, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
+
+
+def _run_pool(cfg: PrepareConfig, out: str, plan: dict, tok: PrepTokenizer, units: list, progress):
+    """Yields each unit's result as it finishes, on `cfg.workers` spawned processes."""
+    ctx = mp.get_context("spawn")
+    # Messages (progress, warnings) are written straight to a pipe (no feeder thread in the workers), so every
+    # message of a unit is there before the unit's result: once all results are in, the pipe holds the rest.
+    messages = ctx.SimpleQueue()
+
+    def drain() -> None:
+        while not messages.empty():
+            progress.message(*messages.get())
+
+    setup = (out, plan, pickle.dumps(tok.encoder, protocol=pickle.HIGHEST_PROTOCOL), cfg.verify_existing, messages)
+    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=setup) as pool:
+        # biggest units first: the tail of the run is then made of small units (better balance)
+        pending = pool.imap_unordered(_run_unit, sorted(units, key=lambda u: -u["est_bytes"]))
+        for _ in units:
+            while True:
+                try:
+                    result = pending.next(timeout=0.2)
+                    break
+                except mp.TimeoutError:
+                    drain()
+            drain()
+            if isinstance(result[2], _WorkerSetupError):  # leaving the `with` terminates the pool
+                raise PrepareError(f"a worker process could not rebuild the tokenizer {cfg.tokenizer!r} "
+                                   f"({result[2]}); completed units are kept, re-run to resume")
+            yield result
+        drain()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -451,16 +425,14 @@ class _Progress:
         self.bar = tqdm(total=total_units, unit="unit", disable=not enabled, dynamic_ncols=True, file=sys.stderr,
                         mininterval=0.5)
         self.t0 = time.perf_counter()
-        self.docs = self.tokens = self.chars = 0
+        self.docs = self.tokens = 0
         self.warnings = 0
         self.tqdm = tqdm
 
     def message(self, kind: str, payload) -> None:
         if kind == "progress":
-            d, t, c = payload
-            self.docs += d
-            self.tokens += t
-            self.chars += c
+            self.docs += payload[0]
+            self.tokens += payload[1]
             dt = max(time.perf_counter() - self.t0, 1e-9)
             self.bar.set_postfix_str(f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tok/s", refresh=False)
         elif kind == "warning":
@@ -472,13 +444,11 @@ class _Progress:
                                 "bad_records.jsonl", file=sys.stderr)
 
 
-def _plan_task(cfg: PrepareConfig, tok: TextTokenizer, out: str) -> tuple[dict, list]:
+def _plan_task(cfg: PrepareConfig, tok: PrepTokenizer, out: str) -> tuple[dict, list]:
     """The plan (written to OUT/plan.json, or checked against the one there) and this task's units."""
     plan = make_plan(cfg, tok)
     ensure_plan(out, plan, cfg.overwrite)
     units = [u for u in plan["units"] if u["id"] % cfg.array_count == cfg.array_task]
-    # what killed writers of this task's units left behind: one listing per folder for the whole task (per
-    # unit, it was a listing of folders that grow with the unit count: quadratic in the corpus size)
     stale = fmt.remove_stale_tmp(out, [u["id"] for u in units])
     if stale:
         log.info("removed %d temporary file(s) left by an interrupted earlier run", stale)
@@ -489,95 +459,21 @@ def _plan_task(cfg: PrepareConfig, tok: TextTokenizer, out: str) -> tuple[dict, 
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Run this task's part of the preparation; returns the manifest (single task) or a task summary."""
-    problems = cfg.problems()
-    if problems:
-        raise PrepareError("invalid settings:\n  - " + "\n  - ".join(problems))
+    check(cfg, "preparation settings")
     t0 = time.perf_counter()
     out = os.path.abspath(cfg.output)
-    records, failures = {}, {}
+    tok = load_prep_tokenizer(cfg.tokenizer, threads=cfg.workers == 1)
+    plan, units = _plan_task(cfg, tok, out)
+    progress = _Progress(len(units), cfg.progress)
     if cfg.workers == 1:
-        global _WORKER
-        tok = load_prep_tokenizer(cfg.tokenizer, threads=True)
-        plan, units = _plan_task(cfg, tok, out)
-        progress = _Progress(len(units), cfg.progress)
-        _WORKER = _Worker(out, plan, tok, verify=cfg.verify_existing, messages=progress.message)
-        for u in units:
-            uid, rec, err = _run_unit((u, None))
-            (failures.__setitem__(uid, err) if err else records.__setitem__(uid, rec))
-            progress.bar.update(1)
+        worker = _Worker(out, plan, tok.encoder, cfg.verify_existing, progress.message)
+        results = (_run_unit(u, worker) for u in units)
     else:
-        ctx = _pool_context()  # fork only from a single-threaded process: see there
-        inherited = None  # (out, plan, tokenizer, verify) for forked workers
-        loaded = ctx.get_start_method() == "fork"
-        if loaded:
-            # Forked workers inherit the tokenizer and the plan: load them, then fork. No context file, and no
-            # tokenizer rebuilt in every worker (the first unit starts ~0.1 s sooner).
-            tok = load_prep_tokenizer(cfg.tokenizer, threads=False)
-            plan, units = _plan_task(cfg, tok, out)
-            ctx = _pool_context()  # loading must not have started a thread; if it did, spawn
-            if ctx.get_start_method() == "fork":
-                inherited = (out, plan, tok, cfg.verify_existing)
-        # Messages (progress, warnings) are written straight to a pipe (no feeder thread in the workers), so
-        # every message of a unit is there before the unit's result: once all results are in, reading what the
-        # pipe holds gets them all, with no waiting.
-        messages = ctx.SimpleQueue()
-        context_fd = context_path = None
-        if inherited is None:
-            # Spawned workers: the pool starts first, its interpreters start and import while this process loads
-            # the tokenizer (about 1 s, transformers' import) and plans. Their tokenizer and plan come from a
-            # context file that each task names: written once, where a task carrying the serialised tokenizer
-            # (0.5 MB for BERT) would send it again for every unit. It is deleted once every worker that can get
-            # a unit has read it, so a run killed with SIGKILL later than that leaves nothing behind.
-            context_fd, context_path = tempfile.mkstemp(prefix="prepare-worker-", suffix=".pkl")
-        ready: set = set()
-
-        def message(kind, payload) -> None:
-            nonlocal context_path
-            if kind != "ready":
-                progress.message(kind, payload)
-                return
-            ready.add(payload)
-            if context_path and len(ready) >= min(cfg.workers, len(units)):
-                os.unlink(context_path)
-                context_path = None
-
-        def drain() -> None:
-            while not messages.empty():
-                message(*messages.get())
-
-        try:
-            with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(messages, inherited)) as pool:
-                if not loaded:
-                    tok = load_prep_tokenizer(cfg.tokenizer, threads=False)
-                    plan, units = _plan_task(cfg, tok, out)
-                if context_fd is not None:
-                    with os.fdopen(context_fd, "wb") as f:
-                        context_fd = None
-                        pickle.dump((out, plan, tok.worker_spec(), cfg.verify_existing), f,
-                                    protocol=pickle.HIGHEST_PROTOCOL)
-                progress = _Progress(len(units), cfg.progress)
-                # biggest units first: the tail of the run is then made of small units (better balance)
-                order = sorted(units, key=lambda u: -u["est_bytes"])
-                pending = pool.imap_unordered(_run_unit, [(u, context_path) for u in order])
-                done = 0
-                while done < len(units):
-                    try:
-                        uid, rec, err = pending.next(timeout=0.2)
-                        if isinstance(err, _WorkerSetupError):  # leaving the `with` terminates the pool
-                            raise PrepareError(f"a worker process could not build the tokenizer {cfg.tokenizer!r} "
-                                               f"({err}); completed units are kept, re-run to resume") from None
-                        (failures.__setitem__(uid, err) if err else records.__setitem__(uid, rec))
-                        done += 1
-                        progress.bar.update(1)
-                    except mp.TimeoutError:
-                        pass
-                    drain()
-                drain()
-        finally:
-            if context_fd is not None:
-                os.close(context_fd)
-            if context_path:
-                os.unlink(context_path)
+        results = _run_pool(cfg, out, plan, tok, units, progress)
+    records, failures = {}, {}
+    for uid, rec, err in results:
+        (failures.__setitem__(uid, err) if err else records.__setitem__(uid, rec))
+        progress.bar.update(1)
     progress.bar.close()
     wall = time.perf_counter() - t0
     if failures:
@@ -681,7 +577,8 @@ def join(out: str, wall_seconds: float | None = None, command: list | None = Non
         counts += np.load(os.path.join(out, rec["counts"]["file"]))
     buf = io.BytesIO()
     np.save(buf, counts)
-    fmt.atomic_write_bytes(os.path.join(out, "token_counts.npy"), buf.getvalue())
+    with atomic_write(os.path.join(out, "token_counts.npy")) as f:
+        f.write(buf.getvalue())
 
     # Absolute line numbers: the pieces of a file are consecutive in plan order, each record knows how many
     # lines started in its pieces, so a prefix sum gives each piece's first line.
@@ -702,7 +599,8 @@ def join(out: str, wall_seconds: float | None = None, command: list | None = Non
             bad_lines.append(json.dumps({"where": where, "reason": b["reason"], "detail": b["detail"]}))
         for s in rec.get("skipped_files", []):
             bad_lines.append(json.dumps({"where": s["path"], "reason": "skipped_file", "detail": s["reason"]}))
-    fmt.atomic_write_bytes(os.path.join(out, "bad_records.jsonl"), "".join(l + "\n" for l in bad_lines).encode())
+    with atomic_write(os.path.join(out, "bad_records.jsonl"), "w") as f:
+        f.writelines(line + "\n" for line in bad_lines)
 
     summary = _task_summary({r["unit"]: r for r in records}, wall_seconds or 0.0)
     summary.pop("units_resumed")
@@ -733,7 +631,9 @@ def join(out: str, wall_seconds: float | None = None, command: list | None = Non
         "bad_records": {"file": "bad_records.jsonl", "count": len(bad_lines)},
         "stats": summary,
     }
-    fmt.atomic_write_json(os.path.join(out, "manifest.json"), manifest)
+    with atomic_write(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
     return manifest
 
 
@@ -755,4 +655,4 @@ def array_task_from_env(env=os.environ) -> tuple[int, int] | None:
     return task - lo, count
 
 
-__all__ = ["PrepareConfig", "PrepareError", "prepare", "join", "array_task_from_env", "asdict"]
+__all__ = ["PrepareConfig", "PrepareError", "prepare", "join", "array_task_from_env"]

@@ -16,10 +16,8 @@ from __future__ import annotations
 import glob
 import gzip
 import io
-import itertools
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -393,67 +391,9 @@ class PieceStats:
     lines: int = 0  # lines whose first byte lies in the piece's byte range (for absolute line numbers)
 
 
-def _blank_line_patterns(chunk: int):
-    """Regexes for a blank line: whitespace only (bytes.isspace) and complete, at most `chunk` bytes with its
-    newline. A longer whitespace-only line is text, as when lines were read `chunk` bytes at a time. In the
-    first two, group 1 is the blank line."""
-    return _blank_cache.get(chunk) or _blank_cache.setdefault(chunk, (
-        re.compile(rb"([ \t\r\x0b\x0c]{0,%d}\n)" % (chunk - 1)),  # .match(): a blank line at this line start
-        # each newline followed by a blank line; only the newline is consumed, so consecutive blank lines are
-        # all found, and the scan runs at memchr speed from one newline to the next
-        re.compile(rb"\n(?=([ \t\r\x0b\x0c]{0,%d}\n))" % (chunk - 1)),
-        # .split() of text that starts with a text line: [text, sep, text, sep, ..., text], a separator being
-        # the newline that ends a text line and the blank lines after it
-        re.compile(rb"(\n(?:[ \t\r\x0b\x0c]{0,%d}\n)+)" % (chunk - 1)),
-    ))
-
-
-class DocBlock:
-    """Consecutive whole documents of one read, handed over together: the readers' fast path, which saves a
-    generator step, a slice and a line count per document (on short documents, as much as the rest of the
-    reading). `docs` are the documents' bytes (each with its final newline); `line_of(i)` is the line of
-    document i, as `read_text_range` counts them, computed on demand: only a document that warns needs it."""
-
-    __slots__ = ("docs", "line_of")
-
-    def __init__(self, docs: list[bytes], line_of: Callable[[int], int]):
-        self.docs = docs
-        self.line_of = line_of
-
-
-def _paragraph_lines(parts: list[bytes], first_line: int, skip: int) -> Callable[[int], int]:
-    """line_of for documents parts[2 * (skip + i)] of a blank-line split (see _blank_line_patterns)."""
-    cum: list[int] = []
-
-    def line_of(i: int) -> int:
-        if not cum:  # newlines before each part, once, when the first line is asked for
-            cum.append(0)
-            cum.extend(itertools.accumulate(map(bytes.count, parts, itertools.repeat(b"\n"))))
-        return first_line + cum[2 * (skip + i)]
-    return line_of
-
-
-_blank_cache: dict = {}
-_LINE = re.compile(rb"[^\n]*\n")
-
-
 def read_text_range(f, start: int, end: int | None, mode: str, max_doc_bytes: int,
                     stats: PieceStats) -> Iterator[tuple[bytes, int, bool]]:
-    """Documents of the byte range [start, end) of a text file: yields (bytes, local_line, was_cut), one by
-    one. See `read_text_blocks`, which hands most of them over in blocks."""
-    for item in read_text_blocks(f, start, end, mode, max_doc_bytes, stats):
-        if item[0].__class__ is DocBlock:
-            block = item[0]
-            for i, doc in enumerate(block.docs):
-                yield doc, block.line_of(i), False
-        else:
-            yield item
-
-
-def read_text_blocks(f, start: int, end: int | None, mode: str, max_doc_bytes: int,
-                     stats: PieceStats) -> Iterator[tuple[bytes | DocBlock, int, bool]]:
-    """Documents of the byte range [start, end) of a text file: yields (bytes, local_line, was_cut), or
-    (DocBlock, line of its first document, False) for whole documents of one read that need no cutting.
+    """Documents of the byte range [start, end) of a text file: yields (bytes, local_line, was_cut).
 
     Ownership, which makes ranges read independently equal one sequential read:
     - lines mode: a document is a line; the range owns the lines starting in it.
@@ -463,189 +403,47 @@ def read_text_blocks(f, start: int, end: int | None, mode: str, max_doc_bytes: i
       range in which the blank line before it starts.
     A blank line is whitespace only, ends with a newline and is at most CHUNK bytes long (a longer one is
     text). A document longer than `max_doc_bytes` is cut (`_cut`) into pieces; the first piece is flagged.
-    `local_line` counts lines from the range's first line start (0-based).
-
-    The file is read CHUNK bytes at a time, and the complete lines of each read are handled together:
-    documents split out of the read by a regex, lines counted with bytes.count. A loop over lines costs about
-    1 us per line in Python, more than the rest of the reading; a loop over documents, about as much per
-    document on short ones, hence the blocks.
+    `local_line` counts lines from the range's first line start (0-based). A document keeps its final newline.
     """
     pos = _seek_line_start(f, start, end)
     if pos is None:
         return
-    chunk = CHUNK
     paragraphs = mode == "paragraphs"
-    blank_at, blank_after, blank_split = _blank_line_patterns(chunk)
     skipping = paragraphs and start > 0
-    buf = bytearray()  # the document in progress when it spans reads or is being cut
-    doc_line = 0
-    doc_cut = False
-    next_line = 0  # index of the next line to start
-    in_line = False  # a long line (> CHUNK) is being read in pieces
-    data = b""  # read but not yet handled; starts at a line start unless in_line
-    p = pos  # file offset of data[0]
-    eof = False
-
-    def cut_buf():  # yields the pieces of a too-long document in progress
-        nonlocal doc_cut
+    buf, doc_line, doc_cut, line, in_range = bytearray(), 0, False, -1, True
+    for line_start, chunk, first, complete in _lines(f, pos):
+        if first:
+            line += 1
+            in_range = end is None or line_start < end
+            if in_range:
+                stats.lines += 1
+            elif not paragraphs:
+                break
+        if paragraphs:
+            blank = first and complete and chunk.isspace()
+            if skipping:
+                if first and not in_range:
+                    break
+                skipping = not blank
+                continue
+            if blank:
+                if buf:
+                    yield bytes(buf), doc_line, False
+                    buf.clear()
+                if not in_range:
+                    break
+                continue
+        if not buf:
+            doc_line, doc_cut = line, False
+        buf += chunk
         while len(buf) > max_doc_bytes:  # flag the first cut only: split_long counts documents
             cut = _cut(buf, max_doc_bytes)
             yield bytes(buf[:cut]), doc_line, not doc_cut
             doc_cut = True
             del buf[:cut]
-
-    def whole(doc: bytes, line: int):  # a complete document (none in progress): as it is, or in cut pieces
-        nonlocal doc_line, doc_cut
-        if len(doc) <= max_doc_bytes:
-            yield doc, line, False
-            return
-        buf.extend(doc)
-        doc_line, doc_cut = line, False
-        yield from cut_buf()
-        yield bytes(buf), doc_line, False
-        buf.clear()
-
-    def add_text(b: int, e: int, line: int):  # text lines data[b:e] (line = index of the first) join the doc
-        nonlocal doc_line, doc_cut
-        if not buf:
-            doc_line, doc_cut = line, False
-        buf.extend(data[b:e])
-        yield from cut_buf()
-
-    while True:
-        if not eof:
-            block = f.read(chunk)
-            if block:
-                data = data + block if data else block
-            else:
-                eof = True
-        if in_line:  # the rest of a long line: its start was handled (skipped, or added to the document)
-            k = data.find(b"\n")
-            stop = len(data) if k < 0 else k + 1
-            if not skipping:
-                buf.extend(data[:stop])
-                yield from cut_buf()
-            if k >= 0:
-                in_line = False
-                if not paragraphs:
-                    yield bytes(buf), doc_line, False
-                    buf.clear()
-            data, p = data[stop:], p + stop
-            if eof and not data:
-                break
-            continue
-        k = data.rfind(b"\n") + 1  # data[:k]: complete lines
-        if not k:
-            if not data:
-                if eof:
-                    break
-                continue
-            if len(data) < chunk and not eof:
-                continue  # a short line not complete yet: it could still be a blank line
-            # A line longer than CHUNK, or the last line of the file without a newline: text, never blank.
-            line, next_line = next_line, next_line + 1
-            in_range = end is None or p < end
-            if in_range:
-                stats.lines += 1
-            elif not paragraphs or skipping:
-                return
-            if not skipping:
-                if not buf:
-                    doc_line, doc_cut = line, False
-                buf.extend(data)
-                yield from cut_buf()
-            p, data, in_line = p + len(data), b"", not eof
-            if eof:
-                break
-            continue
-
-        # data[:cutoff]: the complete lines that start before `end`; data[cutoff:k]: the complete ones after
-        if end is None:
-            cutoff = k
-        elif p >= end:
-            cutoff = 0
-        else:
-            cutoff = data.find(b"\n", end - p - 1, k) + 1 or k
-        base = next_line
-        n_in = data.count(b"\n", 0, cutoff)
-        stats.lines += n_in
-        if not paragraphs:
-            lines = _LINE.findall(data, 0, cutoff)
-            if max(map(len, lines), default=0) <= max_doc_bytes:
-                if lines:
-                    yield DocBlock(lines, base.__add__), base, False
-            else:
-                for i, line in enumerate(lines):
-                    yield from whole(line, base + i)
-            if cutoff < k:
-                return
-        else:
-            x = 0  # handled up to here
-            x_line = base  # index of the line starting at x
-            if skipping and cutoff:
-                m = blank_at.match(data, 0, cutoff)
-                if m is None and cutoff > 1:
-                    m = blank_after.search(data, 0, cutoff)
-                if m is not None:
-                    skipping = False
-                    x = m.end(1)
-                    x_line = base + data.count(b"\n", 0, x)
-                else:
-                    x = cutoff
-            if not skipping:
-                while x < cutoff:  # blank lines at x end the document in progress
-                    m = blank_at.match(data, x, cutoff)
-                    if m is None:
-                        break
-                    if buf:
-                        yield bytes(buf), doc_line, False
-                        buf.clear()
-                    x, x_line = m.end(1), x_line + 1
-            if not skipping and x < cutoff:
-                # data[x:cutoff] starts with a text line: [text, sep, ..., text]; each text but the last is a
-                # document (its final newline opens the separator after it); the last goes on in the next read
-                parts = blank_split.split(data[x:cutoff] if x or cutoff < len(data) else data)
-                if len(parts) > 1:
-                    docs = list(map(bytes.__add__, parts[0:-1:2], itertools.repeat(b"\n")))
-                    skip = 0
-                    if buf:  # the first one ends the document in progress
-                        buf.extend(docs[0])
-                        yield from cut_buf()
-                        yield bytes(buf), doc_line, False
-                        buf.clear()
-                        skip = 1
-                    line_of = _paragraph_lines(parts, x_line, skip)
-                    if skip:
-                        del docs[0]
-                    if max(map(len, docs), default=0) <= max_doc_bytes:
-                        if docs:  # the line of the first document, without line_of's count over the block
-                            first = x_line + (skip and parts[0].count(b"\n") + parts[1].count(b"\n"))
-                            yield DocBlock(docs, line_of), first, False
-                    else:
-                        for i, doc in enumerate(docs):
-                            yield from whole(doc, line_of(i))
-                    x, x_line = cutoff - len(parts[-1]), x_line + data.count(b"\n", x, cutoff - len(parts[-1]))
-                if x < cutoff:  # a document that goes on in the next read
-                    yield from add_text(x, cutoff, x_line)
-            if cutoff < k:
-                # Lines starting at or after `end`: a range still skipping is done; otherwise the document in
-                # progress, or one starting right at the end, runs to the next blank line.
-                if skipping:
-                    return
-                line = base + n_in
-                m = blank_at.match(data, cutoff, k)
-                if m is None and k - cutoff > 1:
-                    m = blank_after.search(data, cutoff, k)
-                b = k if m is None else m.start(1)
-                if b > cutoff:
-                    yield from add_text(cutoff, b, line)
-                if m is not None:
-                    if buf:
-                        yield bytes(buf), doc_line, False
-                        buf.clear()
-                    return
-        next_line = base + data.count(b"\n", 0, k)
-        data, p = data[k:], p + k
+        if not paragraphs and complete and buf:
+            yield bytes(buf), doc_line, False
+            buf.clear()
     if buf:
         yield bytes(buf), doc_line, False
 
@@ -790,19 +588,17 @@ def _load_hf(src: Source):
 
 
 def iter_piece(piece: dict, source: Source, max_doc_bytes: int, max_record_bytes: int, stats: PieceStats,
-               bad: Callable[[str, int, str], None], blocks: bool = False
-               ) -> Iterator[tuple[str | bytes | DocBlock, int, bool]]:
+               bad: Callable[[str, int, str], None]) -> Iterator[tuple[str | bytes, int, bool]]:
     """Documents of one piece: yields (text or raw bytes, location, flag). For text, flag = cut from a
     longer line/document; for JSON, flag = UTF-8 repaired. Location: line (0-based, piece-local for
-    byte ranges), Parquet/dataset row, or record number within a dataset shard. With `blocks`, text files
-    also yield (DocBlock, line, False) items (see `read_text_blocks`)."""
+    byte ranges), Parquet/dataset row, or record number within a dataset shard."""
     fmt, path = piece["format"], piece["path"]
     if fmt in ("text", "jsonl", "json"):
         try:
             with open_binary(path, piece.get("compression")) as f:
                 if fmt == "text":
-                    yield from (read_text_blocks if blocks else read_text_range)(
-                        f, piece["start"], piece["end"], source.text_mode, max_doc_bytes, stats)
+                    yield from read_text_range(f, piece["start"], piece["end"], source.text_mode, max_doc_bytes,
+                                               stats)
                 elif fmt == "jsonl":
                     yield from read_jsonl_range(f, piece["start"], piece["end"], source.field, max_record_bytes,
                                                 stats, bad)

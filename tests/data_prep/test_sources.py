@@ -20,8 +20,8 @@ import pytest
 from pipeline.data.prepared import PreparedDataset
 from pipeline.data_prep import sources
 from pipeline.data_prep.prepare import PrepareConfig, make_plan, prepare
-from pipeline.data_prep.sources import (DocBlock, PieceStats, PlanError, Source, auto_unit_bytes, group_units,
-                                        parse_spec, plan_pieces, read_jsonl_range, read_text_blocks, read_text_range)
+from pipeline.data_prep.sources import (PieceStats, PlanError, Source, auto_unit_bytes, group_units, parse_spec,
+                                        plan_pieces, read_jsonl_range, read_text_range)
 from pipeline.data_prep.tokenizer import load_tokenizer
 
 MiB = 1 << 20
@@ -554,101 +554,6 @@ def test_read_text_range_equals_sequential_read(monkeypatch, mode):
         got, lines = _read_ranges(data, cuts, read)
         assert got == seq, (case, data, cuts, max_doc)
         assert lines == _n_lines(data), (case, data, cuts)
-
-
-def _line_by_line_read_text_range(f, start, end, mode, max_doc_bytes, stats):
-    """read_text_range as it was before it handled whole reads at once (one readline(CHUNK) per line): the
-    reference that the block reader must match exactly, cut pieces and their flags included."""
-    chunk_size = sources.CHUNK
-    pos = sources._seek_line_start(f, start, end)
-    if pos is None:
-        return
-
-    def lines(pos):
-        line_start, first = pos, True
-        while True:
-            chunk = f.readline(chunk_size)
-            if not chunk:
-                return
-            complete = chunk.endswith(b"\n")
-            yield line_start, chunk, first, complete
-            pos += len(chunk)
-            if complete:
-                line_start = pos
-            first = complete
-
-    skipping = mode == "paragraphs" and start > 0
-    buf, doc_line, doc_cut, line_idx, in_range = bytearray(), 0, False, -1, True
-    for line_start, chunk, first, complete in lines(pos):
-        if first:
-            line_idx += 1
-            in_range = end is None or line_start < end
-            if in_range:
-                stats.lines += 1
-            elif mode == "lines":
-                break
-        if mode == "paragraphs":
-            blank = first and complete and chunk.isspace()
-            if skipping:
-                if first and not in_range:
-                    break
-                if blank:
-                    skipping = False
-                continue
-            if blank:
-                if buf:
-                    yield bytes(buf), doc_line, False
-                    buf.clear()
-                if not in_range:
-                    break
-                continue
-        if not buf:
-            doc_line, doc_cut = line_idx, False
-        buf += chunk
-        while len(buf) > max_doc_bytes:
-            cut = sources._cut(buf, max_doc_bytes)
-            yield bytes(buf[:cut]), doc_line, not doc_cut
-            doc_cut = True
-            del buf[:cut]
-        if mode == "lines" and complete and buf:
-            yield bytes(buf), doc_line, False
-            buf.clear()
-    if buf:
-        yield bytes(buf), doc_line, False
-
-
-@pytest.mark.parametrize("mode", ["paragraphs", "lines"])
-@pytest.mark.parametrize("chunk", [1, 2, 7, 64, 4096])
-def test_read_text_range_equals_line_by_line_reader(monkeypatch, mode, chunk):
-    """Every range of random text, read by read_text_range, gives exactly what the line-by-line reader gives:
-    the same documents, lines, cut pieces and flags, and line counts (the other tests check the rules; this
-    one checks that reading many lines at a time changed nothing, including where a read ends)."""
-    monkeypatch.setattr(sources, "CHUNK", chunk)
-    rng = random.Random(chunk * 10 + len(mode))
-    blocks = 0
-    for case in range(300):
-        data = _random_text(rng)
-        if rng.random() < 0.2:  # long documents and lines
-            data = data * rng.randint(2, 6)
-        max_doc = rng.choice([1 << 20, rng.randint(1, 12), rng.randint(4, 80)])
-        size = len(data)
-        bounds = sorted({0, *rng.sample(range(size + 1), min(size + 1, rng.randint(0, 6)))})
-        for i, start in enumerate(bounds):
-            end = bounds[i + 1] if i + 1 < len(bounds) else None
-            if start == size and end is None and size:
-                continue
-            got_stats, ref_stats = PieceStats(), PieceStats()
-            got = list(read_text_range(io.BytesIO(data), start, end, mode, max_doc, got_stats))
-            ref = list(_line_by_line_read_text_range(io.BytesIO(data), start, end, mode, max_doc, ref_stats))
-            assert got == ref, (case, data, start, end, max_doc)
-            assert got_stats.lines == ref_stats.lines, (case, data, start, end)
-            # the blocks' own first-document line agrees with the documents they expand to
-            items = list(read_text_blocks(io.BytesIO(data), start, end, mode, max_doc, PieceStats()))
-            for payload, line, _ in items:
-                if isinstance(payload, DocBlock):
-                    blocks += 1
-                    assert payload.docs and line == payload.line_of(0)
-    assert blocks > 50 or chunk < 7  # the block path was really taken, not only the one-document fallbacks
 
 
 def _random_jsonl(rng: random.Random) -> bytes:
