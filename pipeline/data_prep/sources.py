@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,9 +25,7 @@ from typing import Callable, Iterator
 from .cleaning import decode
 
 CHUNK = 1 << 20  # longest piece of a line read at once: bounds memory for a 50 MB single-line file
-TEXT_EXT = (".txt", ".text")
-JSONL_EXT = (".jsonl", ".ndjson")
-KNOWN_EXT = TEXT_EXT + JSONL_EXT + (".json", ".parquet")
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 COMPRESSION = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
 COMPRESSION_RATIO_GUESS = 3  # planning estimate of decompressed bytes per compressed byte
 SPEC_OPTIONS = {"field", "text_mode", "format", "config", "split"}
@@ -103,19 +102,8 @@ def _file_format(path: str, forced: str | None) -> tuple[str | None, str | None]
     base, ext = os.path.splitext(path)
     compression = COMPRESSION.get(ext.lower())
     if compression:
-        _, ext = os.path.splitext(base)
-    if forced:
-        return forced, compression
-    ext = ext.lower()
-    if ext in TEXT_EXT:
-        return "text", compression
-    if ext in JSONL_EXT:
-        return "jsonl", compression
-    if ext == ".json":
-        return "json", compression
-    if ext == ".parquet":
-        return "parquet", compression
-    return None, compression
+        ext = os.path.splitext(base)[1]
+    return forced or FORMATS.get(ext.lower()), compression
 
 
 def _expand_files(src: Source, problems: list[str], notes: list[str]) -> list[str]:
@@ -133,7 +121,7 @@ def _expand_files(src: Source, problems: list[str], notes: list[str]) -> list[st
             notes.append(f"{loc}: skipped {len(skipped)} file(s) with unknown extensions (e.g. {skipped[0]}); "
                          f"name them explicitly or add #format=text to read them")
         if not found:
-            problems.append(f"{src.spec}: directory has no input files ({', '.join(KNOWN_EXT)}, optionally .gz/.zst)")
+            problems.append(f"{src.spec}: directory has no input files ({', '.join(FORMATS)}, optionally .gz/.zst)")
         return sorted(found)
     if any(c in loc for c in "*?["):
         found = sorted(p for p in glob.glob(loc, recursive=True) if os.path.isfile(p))
@@ -613,45 +601,42 @@ def iter_piece(piece: dict, source: Source, max_doc_bytes: int, max_record_bytes
                 raise BadFileError(path, f"corrupt zstd stream ({e})") from None
             raise
     elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        row = piece["first_row"]
         try:
-            pf = pq.ParquetFile(path)
-            for batch in pf.iter_batches(batch_size=1024, row_groups=piece["row_groups"], columns=[source.field]):
-                for value in batch.column(0).to_pylist():
-                    if isinstance(value, str):
-                        yield value, row, False
-                    else:
-                        bad("missing_field" if value is None else "field_not_string", row,
-                            f"{source.field!r} is {'null' if value is None else type(value).__name__}")
-                    row += 1
+            yield from _column_texts(_parquet_values(piece, source.field), source.field, bad)
         except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
             raise BadFileError(path, f"unreadable Parquet data ({type(e).__name__}: {e})") from None
     elif fmt == "disk":
         ds = _load_disk(source).select_columns([source.field])
         a, b = piece["rows"]
-        for lo in range(a, b, 1024):
-            hi = min(b, lo + 1024)
-            for i, value in enumerate(ds[lo:hi][source.field]):
-                if isinstance(value, str):
-                    yield value, lo + i, False
-                else:
-                    bad("missing_field" if value is None else "field_not_string", lo + i,
-                        f"{source.field!r} is {'null' if value is None else type(value).__name__}")
+        values = itertools.chain.from_iterable(ds[lo:min(b, lo + 1024)][source.field] for lo in range(a, b, 1024))
+        yield from _column_texts(zip(values, itertools.count(a)), source.field, bad)
     elif fmt == "hf":
         ds = _load_hf(source)
         if piece["n_shards"] > 1:
             ds = ds.shard(num_shards=piece["n_shards"], index=piece["shard"])
-        for i, ex in enumerate(ds):
-            value = ex.get(source.field)
-            if isinstance(value, str):
-                yield value, i, False
-            else:
-                bad("missing_field" if value is None else "field_not_string", i,
-                    f"{source.field!r} is {'missing' if value is None else type(value).__name__}")
+        yield from _column_texts(((ex.get(source.field), i) for i, ex in enumerate(ds)), source.field, bad, "missing")
     else:
         raise ValueError(f"unknown piece format {fmt!r}")
+
+
+def _parquet_values(piece: dict, field: str) -> Iterator[tuple[object, int]]:
+    import pyarrow.parquet as pq
+
+    batches = pq.ParquetFile(piece["path"]).iter_batches(batch_size=1024, row_groups=piece["row_groups"],
+                                                         columns=[field])
+    return zip(itertools.chain.from_iterable(b.column(0).to_pylist() for b in batches),
+               itertools.count(piece["first_row"]))
+
+
+def _column_texts(values: Iterator[tuple[object, int]], field: str, bad, missing: str = "null"
+                  ) -> Iterator[tuple[str, int, bool]]:
+    """The text values of a column (Parquet, datasets) with their rows; any other value is a bad record."""
+    for value, row in values:
+        if isinstance(value, str):
+            yield value, row, False
+        else:
+            bad("missing_field" if value is None else "field_not_string", row,
+                f"{field!r} is {missing if value is None else type(value).__name__}")
 
 
 def describe_location(piece: dict, loc: int, line_offset: int | None = None) -> str:
