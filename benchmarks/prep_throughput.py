@@ -167,7 +167,8 @@ def raw_route_main(spec: dict) -> None:
     from tokenizers import Tokenizer
 
     from pipeline.data_prep.cleaning import CleanConfig, clean, decode
-    from pipeline.data_prep.sources import PieceStats, Source, iter_piece
+    from pipeline.data_prep.readers import PieceStats, iter_piece
+    from pipeline.data_prep.sources import Source
 
     cfg, docs = CleanConfig(), []
     for i, path in enumerate(spec["txt"] + spec["jsonl"]):

@@ -17,7 +17,7 @@ from pipeline import shards as fmt
 from pipeline.fileio import atomic_write
 
 from .config import PrepareError
-from .sources import describe_location
+from .readers import describe_location
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pipeline.settings import check
 from .config import PrepareConfig, PrepareError, array_task_from_env
 from .join import join, log_summary, task_summary
 from .plan import ensure_plan, make_plan
-from .sources import BadFileError
+from .readers import BadFileError
 from .tokenizer import PrepTokenizer, load_prep_tokenizer, single_threaded
 from .unit import UnitWorker
 

@@ -17,7 +17,8 @@ from pipeline import shards as fmt
 from pipeline.fileio import atomic_write
 
 from .cleaning import CleanConfig, clean, decode
-from .sources import BadFileError, PieceStats, Source, describe_location, iter_piece
+from .readers import BadFileError, PieceStats, describe_location, iter_piece
+from .sources import Source
 from .tokenizer import Encoder, flat_ids
 
 MAX_BAD_RECORDS_PER_UNIT = 100

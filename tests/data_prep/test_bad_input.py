@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 
 from pipeline.data.prepared import PreparedDataset
-from pipeline.data_prep import sources
+from pipeline.data_prep import readers
 from pipeline.data_prep.cleaning import CleanConfig, clean, decode, split_long
 from pipeline.data_prep.prepare import PrepareConfig, PrepareError, prepare
-from pipeline.data_prep.sources import BadFileError, PlanError, parse_spec, plan_pieces
-from pipeline.data_prep.tokenizer import _PROBES, Encoder, TextTokenizer, load_tokenizer
+from pipeline.data_prep.readers import BadFileError
+from pipeline.data_prep.sources import PlanError, parse_spec, plan_pieces
+from pipeline.data_prep.tokenizer import _PROBES, Encoder, load_tokenizer
 from pipeline.data_prep.validate import validate
 
 
@@ -482,20 +483,20 @@ def test_zstd_truncation_detected(tmp_path):
     for name, (blob, plain, complete) in _zstd_variants().items():
         path = tmp_path / f"{name}.zst"
         path.write_bytes(blob)
-        assert sources._zstd_truncated(str(path)) is None, name
-        with sources.open_binary(str(path), "zst") as f:
+        assert readers._zstd_truncated(str(path)) is None, name
+        with readers.open_binary(str(path), "zst") as f:
             assert f.read() == plain, name
         cuts = set(range(1, min(len(blob), 30))) | {len(blob) - k for k in range(1, min(len(blob), 30))}
         cuts |= {rng.randrange(1, len(blob)) for _ in range(30)}
         for cut in sorted(cuts):
             path.write_bytes(blob[:cut])
-            reason = sources._zstd_truncated(str(path))
+            reason = readers._zstd_truncated(str(path))
             if cut in complete:
                 assert reason is None, (name, cut)
                 continue
             assert reason and "truncated" in reason, (name, cut)
             with pytest.raises(BadFileError, match="corrupt zstd file: truncated"):
-                sources.open_binary(str(path), "zst")
+                readers.open_binary(str(path), "zst")
 
 
 def test_truncated_zstd_json_array_is_a_plan_error(tmp_path):

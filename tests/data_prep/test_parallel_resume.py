@@ -19,7 +19,7 @@ import pytest
 from pipeline.data.prepared import PreparedDataset
 from pipeline import shards as fmt
 from pipeline.data_prep.prepare import PrepareConfig, PrepareError, prepare
-from pipeline.data_prep.sources import PieceStats, read_jsonl_range, read_text_range
+from pipeline.data_prep.readers import PieceStats, read_jsonl_range, read_text_range
 from pipeline.data_prep.tokenizer import load_tokenizer
 from pipeline.data_prep.validate import validate
 from tests.conftest import ROOT, run_cli, write_text_docs

@@ -18,10 +18,10 @@ import re
 import pytest
 
 from pipeline.data.prepared import PreparedDataset
-from pipeline.data_prep import sources
+from pipeline.data_prep import readers
 from pipeline.data_prep.prepare import PrepareConfig, make_plan, prepare
-from pipeline.data_prep.sources import (PieceStats, PlanError, Source, auto_unit_bytes, group_units, parse_spec,
-                                        plan_pieces, read_jsonl_range, read_text_range)
+from pipeline.data_prep.readers import PieceStats, read_jsonl_range, read_text_range
+from pipeline.data_prep.sources import PlanError, Source, auto_unit_bytes, group_units, parse_spec, plan_pieces
 from pipeline.data_prep.tokenizer import load_tokenizer
 
 MiB = 1 << 20
@@ -236,7 +236,7 @@ def test_compressed_text_and_jsonl(tmp_path, tok, wordpiece_dir, paragraphs, sen
 
 @pytest.mark.parametrize("how", ["option", "spec"])
 def test_jsonl_custom_field(tmp_path, tok, wordpiece_dir, sentences, monkeypatch, how):
-    monkeypatch.setattr(sources, "CHUNK", 64)  # lines longer than a read chunk
+    monkeypatch.setattr(readers, "CHUNK", 64)  # lines longer than a read chunk
     docs = sentences[:50]
     with open(tmp_path / "d.jsonl", "w") as f:
         for i, d in enumerate(docs):
@@ -253,7 +253,7 @@ def test_jsonl_custom_field(tmp_path, tok, wordpiece_dir, sentences, monkeypatch
 
 
 def test_json_array(tmp_path, tok, wordpiece_dir, paragraphs, monkeypatch):
-    monkeypatch.setattr(sources, "CHUNK", 100)  # the incremental parser refills its buffer many times
+    monkeypatch.setattr(readers, "CHUNK", 100)  # the incremental parser refills its buffer many times
     docs = paragraphs[:30]
     (tmp_path / "a.json").write_text(json.dumps([{"text": d, "n": i} for i, d in enumerate(docs)], indent=2))
     (tmp_path / "b.json").write_text("  \n" + json.dumps([{"text": d} for d in docs[:3]]))  # leading whitespace
@@ -530,7 +530,7 @@ def _text_oracle(data: bytes, mode: str, chunk: int) -> list[tuple[bytes, int]]:
 
 @pytest.mark.parametrize("mode", ["paragraphs", "lines"])
 def test_read_text_range_equals_sequential_read(monkeypatch, mode):
-    monkeypatch.setattr(sources, "CHUNK", 7)
+    monkeypatch.setattr(readers, "CHUNK", 7)
     rng = random.Random(1234 if mode == "paragraphs" else 4321)
     for case in range(400):
         data = _random_text(rng)
@@ -610,7 +610,7 @@ def _jsonl_oracle(data: bytes, field: str = "text"):
 
 
 def test_read_jsonl_range_equals_sequential_read(monkeypatch):
-    monkeypatch.setattr(sources, "CHUNK", 7)
+    monkeypatch.setattr(readers, "CHUNK", 7)
     rng = random.Random(99)
     for case in range(400):
         data = _random_jsonl(rng)
@@ -645,7 +645,7 @@ def test_read_jsonl_range_equals_sequential_read(monkeypatch):
 
 def test_read_text_range_on_a_real_file_with_default_chunk(tmp_path, paragraphs):
     """The same property with the real CHUNK, a real buffered file and a document longer than CHUNK."""
-    big = ("word " * (sources.CHUNK // 5 + 1000)).strip()
+    big = ("word " * (readers.CHUNK // 5 + 1000)).strip()
     docs = paragraphs[:50] + [big] + paragraphs[50:80]
     path = tmp_path / "p.txt"
     write_paragraphs(path, docs, newline="\r\n")
@@ -658,7 +658,7 @@ def test_read_text_range_on_a_real_file_with_default_chunk(tmp_path, paragraphs)
         for i, start in enumerate(bounds):
             end = bounds[i + 1] if i + 1 < len(bounds) else None
             st = PieceStats()
-            with sources.open_binary(str(path), None) as f:
+            with readers.open_binary(str(path), None) as f:
                 got += [(d, lines + l) for d, l, _ in read_text_range(f, start, end, "paragraphs", 1 << 30, st)]
             lines += st.lines
         return got, lines
