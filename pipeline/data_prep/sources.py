@@ -130,110 +130,118 @@ def plan_pieces(sources: list[Source], unit_bytes: int | None) -> tuple[list[dic
     listing every unusable input."""
     problems: list[str] = []
     notes: list[str] = []
-    entries = []  # (source, kind, path, compression, size, extra)
+    entries = []  # (source, format, path, compression, size, extra)
     for src in sources:
         if src.kind == "files":
-            for path in _expand_files(src, problems, notes):
-                fmt, compression = _file_format(path, src.format)
-                fmt = fmt or "text"
-                if fmt == "parquet" and compression:
-                    problems.append(f"{path}: compressed Parquet files are not supported (Parquet compresses itself)")
-                    continue
-                try:
-                    size = os.path.getsize(path)
-                except OSError as e:
-                    problems.append(f"{path}: cannot stat ({e.strerror})")
-                    continue
-                extra = {}
-                if fmt == "parquet":
-                    try:
-                        import pyarrow.parquet as pq
-
-                        meta = pq.ParquetFile(path).metadata
-                        names = meta.schema.names
-                        if src.field not in names:
-                            problems.append(f"{path}: Parquet file has no column {src.field!r} (columns: {names}); "
-                                            f"pick one with #field=NAME or --text-field")
-                            continue
-                        extra["row_groups"] = [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
-                                               for i in range(meta.num_row_groups)]
-                    except Exception as e:
-                        problems.append(f"{path}: unreadable Parquet file ({type(e).__name__}: {e})")
-                        continue
-                elif fmt == "json":
-                    try:
-                        fmt = "json" if _sniff_json_array(path, compression) else "jsonl"
-                    except (OSError, EOFError, BadFileError) as e:
-                        problems.append(f"{path}: cannot read ({e})")
-                        continue
-                entries.append((src, fmt, path, compression, size, extra))
-        elif src.kind == "disk":
-            try:
-                ds = load_dataset_source(src)
-            except Exception as e:
-                problems.append(f"{src.spec}: cannot load_from_disk ({type(e).__name__}: {e})")
-                continue
-            if src.field not in ds.column_names:
-                problems.append(f"{src.spec}: dataset has no column {src.field!r} (columns: {ds.column_names}); "
-                                f"pick one with #field=NAME or --text-field")
-                continue
-            nbytes = int(ds.data.nbytes)
-            entries.append((src, "disk", os.path.abspath(src.location), None, nbytes, {"rows": len(ds)}))
-        else:  # hf
-            try:
-                ds = load_dataset_source(src)
-                n_shards = int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", 1) or 1)
-            except Exception as e:
-                first = str(e).splitlines()[0] if str(e) else ""
-                problems.append(
-                    f"{src.spec}: could not open Hugging Face dataset {src.location!r} (config={src.config}, "
-                    f"split={src.split}) in streaming mode: {type(e).__name__}: {first}. Without internet, "
-                    f"download it elsewhere (datasets.load_dataset(...).save_to_disk(FOLDER)) and pass "
-                    f"disk:FOLDER, or point hf: at a local folder of data files")
-                continue
-            entries.append((src, "hf", src.location, None, 0, {"n_shards": n_shards}))
+            entries += [e for path in _expand_files(src, problems, notes)
+                        if (e := _file_entry(src, path, problems)) is not None]
+        elif (e := _dataset_entry(src, problems)) is not None:
+            entries.append(e)
     if problems:
         raise PlanError("cannot use these inputs:\n  - " + "\n  - ".join(problems))
     if not entries:
         raise PlanError("no inputs given")
-
-    total = sum(e[4] * (COMPRESSION_RATIO_GUESS if e[3] else 1) for e in entries)
     if unit_bytes is None:
-        unit_bytes = auto_unit_bytes(total)
+        unit_bytes = auto_unit_bytes(sum(e[4] * (COMPRESSION_RATIO_GUESS if e[3] else 1) for e in entries))
+    return [p for e in entries for p in _pieces(*e, unit_bytes)], notes, unit_bytes
+
+
+def _file_entry(src: Source, path: str, problems: list[str]) -> tuple | None:
+    fmt, compression = _file_format(path, src.format)
+    fmt = fmt or "text"
+    if fmt == "parquet" and compression:
+        problems.append(f"{path}: compressed Parquet files are not supported (Parquet compresses itself)")
+        return None
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        problems.append(f"{path}: cannot stat ({e.strerror})")
+        return None
+    extra = {}
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path).metadata
+        except Exception as e:
+            problems.append(f"{path}: unreadable Parquet file ({type(e).__name__}: {e})")
+            return None
+        if src.field not in meta.schema.names:
+            problems.append(f"{path}: Parquet file has no column {src.field!r} (columns: {meta.schema.names}); "
+                            f"pick one with #field=NAME or --text-field")
+            return None
+        extra["row_groups"] = [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
+                               for i in range(meta.num_row_groups)]
+    elif fmt == "json":
+        try:
+            fmt = "json" if _sniff_json_array(path, compression) else "jsonl"
+        except (OSError, EOFError, BadFileError) as e:
+            problems.append(f"{path}: cannot read ({e})")
+            return None
+    return src, fmt, path, compression, size, extra
+
+
+def _dataset_entry(src: Source, problems: list[str]) -> tuple | None:
+    """A disk: or hf: input: its rows (disk) or shards (hf)."""
+    try:
+        ds = load_dataset_source(src)
+        n_shards = int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", 1) or 1)
+    except Exception as e:
+        if src.kind == "disk":
+            problems.append(f"{src.spec}: cannot load_from_disk ({type(e).__name__}: {e})")
+        else:
+            first = str(e).splitlines()[0] if str(e) else ""
+            problems.append(
+                f"{src.spec}: could not open Hugging Face dataset {src.location!r} (config={src.config}, "
+                f"split={src.split}) in streaming mode: {type(e).__name__}: {first}. Without internet, "
+                f"download it elsewhere (datasets.load_dataset(...).save_to_disk(FOLDER)) and pass "
+                f"disk:FOLDER, or point hf: at a local folder of data files")
+        return None
+    if src.kind == "hf":
+        return src, "hf", src.location, None, 0, {"n_shards": n_shards}
+    if src.field not in ds.column_names:
+        problems.append(f"{src.spec}: dataset has no column {src.field!r} (columns: {ds.column_names}); "
+                        f"pick one with #field=NAME or --text-field")
+        return None
+    return src, "disk", os.path.abspath(src.location), None, int(ds.data.nbytes), {"rows": len(ds)}
+
+
+def _pieces(src: Source, fmt: str, path: str, compression: str | None, size: int, extra: dict,
+            unit_bytes: int) -> list[dict]:
+    """The pieces of one input: byte ranges of uncompressed text and JSON Lines files, groups of Parquet row
+    groups, row ranges of a dataset, dataset shards; anything else (compressed, a JSON array) read whole."""
+    base = {"source": src.index, "format": fmt, "path": path}
     pieces = []
-    for src, fmt, path, compression, size, extra in entries:
-        base = {"source": src.index, "format": fmt, "path": path}
-        if fmt in ("text", "jsonl") and not compression:
-            n = max(1, -(-size // unit_bytes))
-            for i in range(n):
-                start, end = i * unit_bytes, min(size, (i + 1) * unit_bytes)
-                pieces.append({**base, "start": start, "end": end if i < n - 1 else None,
-                               "est_bytes": end - start})
-        elif fmt == "parquet":
-            group, est, row0 = [], 0, 0
-            for i, (rows, nbytes) in enumerate(extra["row_groups"]):
-                if group and est + nbytes > unit_bytes:
-                    pieces.append({**base, "row_groups": group, "first_row": row0, "est_bytes": est})
-                    row0 += sum(extra["row_groups"][g][0] for g in group)
-                    group, est = [], 0
-                group.append(i)
-                est += nbytes
-            if group or not pieces:
+    if fmt in ("text", "jsonl") and not compression:
+        n = max(1, -(-size // unit_bytes))
+        for i in range(n):
+            start, end = i * unit_bytes, min(size, (i + 1) * unit_bytes)
+            pieces.append({**base, "start": start, "end": end if i < n - 1 else None, "est_bytes": end - start})
+    elif fmt == "parquet":
+        group, est, row0 = [], 0, 0
+        for i, (rows, nbytes) in enumerate(extra["row_groups"]):
+            if group and est + nbytes > unit_bytes:
                 pieces.append({**base, "row_groups": group, "first_row": row0, "est_bytes": est})
-        elif fmt == "disk":
-            rows = extra["rows"]
-            per_row = max(1, size // max(rows, 1))
-            step = max(1, unit_bytes // per_row)
-            for a in range(0, max(rows, 1), step):
-                b = min(rows, a + step)
-                pieces.append({**base, "rows": [a, b], "est_bytes": (b - a) * per_row})
-        elif fmt == "hf":
-            for k in range(extra["n_shards"]):
-                pieces.append({**base, "shard": k, "n_shards": extra["n_shards"], "est_bytes": unit_bytes})
-        else:  # compressed text/jsonl, or a JSON array: read whole, from the start
-            pieces.append({**base, "compression": compression, "start": 0, "end": None,
-                           "est_bytes": size * (COMPRESSION_RATIO_GUESS if compression else 1)})
-    return pieces, notes, unit_bytes
+                row0 += sum(extra["row_groups"][g][0] for g in group)
+                group, est = [], 0
+            group.append(i)
+            est += nbytes
+        if group or not pieces:
+            pieces.append({**base, "row_groups": group, "first_row": row0, "est_bytes": est})
+    elif fmt == "disk":
+        rows = extra["rows"]
+        per_row = max(1, size // max(rows, 1))
+        step = max(1, unit_bytes // per_row)
+        for a in range(0, max(rows, 1), step):
+            b = min(rows, a + step)
+            pieces.append({**base, "rows": [a, b], "est_bytes": (b - a) * per_row})
+    elif fmt == "hf":
+        for k in range(extra["n_shards"]):
+            pieces.append({**base, "shard": k, "n_shards": extra["n_shards"], "est_bytes": unit_bytes})
+    else:
+        pieces.append({**base, "compression": compression, "start": 0, "end": None,
+                       "est_bytes": size * (COMPRESSION_RATIO_GUESS if compression else 1)})
+    return pieces
 
 
 def auto_unit_bytes(total_bytes: int) -> int:
