@@ -17,14 +17,16 @@ field of each record). Routes, each run in its own subprocess:
             call is the baseline: the floor of the work, with no reading, writing or start-up.
   ours      `launch/prepare_data.py --input ... --workers N --no-progress` of this checkout; wall time of the
             whole command (interpreter start-up, tokenizer loading, planning, reading, writing, checksums, join).
+  ours_cold the same command with an empty tokenizer identity cache, so that the tokenizer is loaded through
+            transformers (which imports torch): what the identity cache saves is ours / ours_cold.
   baseline  the same command of the code at --baseline-rev, extracted with `git archive` into a temporary
             folder and run with that folder first on PYTHONPATH.
   datasets  load_dataset("text", sample_by="paragraph") / load_dataset("json"), .map(tokenizer(batch["text"],
             add_special_tokens=False), batched=True, num_proc=N) with the transformers fast tokenizer,
             .save_to_disk; timed inside the subprocess from load_dataset to saved.
 
-Both prep routes run with a warm tokenizer identity cache (filled once, untimed, as by a user's first run with
-the tokenizer); --tokenizer-cache cold empties it before every run instead. Memory: the sum of RSS over the
+ours and baseline run with a warm tokenizer identity cache (filled once, untimed, as by a user's first run with
+the tokenizer). Memory: the sum of RSS over the
 process tree, sampled every 50 ms (psutil). Each round runs every route once, the order rotating from round to
 round, so that a drift in the machine's speed favours no route; ratios are computed per round (routes of one
 round ran back to back) and summarised by their median.
@@ -51,7 +53,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
 TARGETS = {"ours_over_raw": 0.9, "ours_over_datasets": 1.5, "ours_peak_rss_bytes": 1 << 30}
 RAW_METHODS = ("encode_batch_fast", "encode_batch")
-ROUTES = ("raw", "ours", "baseline", "datasets")
+ROUTES = ("raw", "ours", "ours_cold", "baseline", "datasets")
 
 
 def default_tokenizer() -> str:
@@ -214,10 +216,11 @@ def warm_tokenizer_cache(tree: str, tok_dir: str, cache_dir: str) -> None:
 
 
 def run_prep(ctx: dict, route: str) -> dict:
-    """Our prep, of this checkout (ours) or of the baseline revision's tree (baseline), as a user runs it."""
-    tree = ctx["trees"][route]
+    """Our prep, of this checkout (ours, ours_cold) or of the baseline revision's tree (baseline), as a user
+    runs it."""
+    tree = ctx["trees"]["baseline" if route == "baseline" else "ours"]
     cache_dir = os.path.join(ctx["tmp"], f"tokenizer-cache-{route}")
-    if ctx["tokenizer_cache"] == "cold":
+    if route == "ours_cold":
         shutil.rmtree(cache_dir, ignore_errors=True)
     elif not os.path.isdir(cache_dir):
         warm_tokenizer_cache(tree, ctx["tokenizer"], cache_dir)
@@ -323,7 +326,8 @@ def summarise(runs: dict) -> tuple[dict, dict]:
                           "peak_rss_total_max": max(r["peak_rss_total"] for r in rs),
                           "peak_rss_process_max": max(r["peak_rss_process"] for r in rs)}
     ratios = {}
-    for a, b in (("ours", "raw"), ("ours", "datasets"), ("ours", "baseline"), ("baseline", "raw")):
+    for a, b in (("ours", "raw"), ("ours", "datasets"), ("ours", "baseline"), ("ours", "ours_cold"),
+                 ("baseline", "raw")):
         if a in runs and b in runs:
             per_round = [ra["tokens"] / ra["seconds"] / (rb["tokens"] / rb["seconds"])
                          for ra, rb in zip(runs[a], runs[b])]
@@ -369,7 +373,6 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-rev", default=None, help="git revision of the baseline route (without it, no "
                                                         "baseline route)")
     p.add_argument("--batch-size", type=int, default=1000, help="documents per raw encode call")
-    p.add_argument("--tokenizer-cache", choices=("warm", "cold"), default="warm")
     p.add_argument("--wait-idle", type=float, default=120, help="before each run, wait up to this many seconds for "
                                                                 "other processes to go quiet")
     p.add_argument("--tmp", default=None, help="scratch folder (default: the system temp folder)")
@@ -399,11 +402,11 @@ def main(argv=None) -> int:
         os.makedirs(os.path.join(tmp, "logs"))
         ctx = {"txt": txt, "jsonl": jsonl, "tokenizer": args.tokenizer or default_tokenizer(), "tmp": tmp,
                "logs": os.path.join(tmp, "logs"), "workers": args.workers, "batch_size": args.batch_size,
-               "tokenizer_cache": args.tokenizer_cache, "trees": trees}
+               "trees": trees}
         print(f"corpus {corpus_bytes / 1e6:.1f} MB ({len(txt)} text, {len(jsonl)} JSON Lines files); routes "
               f"{', '.join(routes)}; {args.workers} workers; {args.rounds} round(s)", flush=True)
-        measure = {"raw": run_raw, "ours": lambda c: run_prep(c, "ours"),
-                   "baseline": lambda c: run_prep(c, "baseline"), "datasets": run_datasets}
+        measure = {"raw": run_raw, "datasets": run_datasets,
+                   **{r: (lambda c, r=r: run_prep(c, r)) for r in ("ours", "ours_cold", "baseline")}}
         runs: dict = {r: [] for r in routes}
         for i in range(args.rounds):
             for route in routes[i % len(routes):] + routes[:i % len(routes)]:
@@ -423,7 +426,7 @@ def main(argv=None) -> int:
                        "uncommitted": git("status", "--porcelain", "--", "pipeline", "launch").splitlines()},
               "settings": {"corpus": os.path.relpath(os.path.abspath(args.corpus), ROOT), "limit_mb": args.limit_mb,
                            "corpus_bytes": corpus_bytes, "workers": args.workers, "rounds": args.rounds,
-                           "batch_size": args.batch_size, "tokenizer_cache": args.tokenizer_cache,
+                           "batch_size": args.batch_size,
                            "command": " ".join(["python", os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])},
               "summary": summary, "ratios": ratios, "targets": TARGETS, "met": met, "runs": runs}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -6,6 +6,7 @@ array, task i of n runs units i, i+n, i+2n, ...; `join()` runs once all tasks ar
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -37,11 +38,12 @@ __all__ = ["PrepareConfig", "PrepareError", "array_task_from_env", "join", "make
 # parent's other threads hold at that moment, and the parent is not always single-threaded: loading a
 # tokenizer through transformers imports torch, a fast tokenizer may have started its Rust thread pool, and
 # prepare() can be called from a notebook or a test process. A spawned worker imports numpy, tokenizers and
-# this package (no transformers, no torch: it gets the tokenizer's encoder, pickled) and costs a fraction of
-# a second once per run. The encoder travels pickled and is rebuilt on the worker's first unit, inside the
+# this package (no transformers, no torch: it gets the tokenizer's encoder, pickled). The pool starts before
+# the tokenizer is loaded, so that the workers start while this process loads it and plans. Each task carries
+# the pickled setup (output folder, plan, encoder); a worker unpickles it once, on its first unit, inside the
 # unit's error handling: a Pool initializer that raised would be restarted by multiprocessing forever.
 
-_SETUP: tuple | None = None  # (out, plan, pickled encoder, verify, messages), from the pool initializer
+_MESSAGES = None  # this worker's queue to the main process, from the pool initializer
 _WORKER: UnitWorker | None = None
 
 
@@ -49,30 +51,29 @@ class _WorkerSetupError(RuntimeError):
     """A pool worker could not rebuild the tokenizer: every unit would fail the same way."""
 
 
-def _init_worker(*setup) -> None:
-    global _SETUP
+def _init_worker(messages) -> None:
+    global _MESSAGES
     single_threaded()
-    _SETUP = setup
+    _MESSAGES = messages
 
 
-def _worker() -> UnitWorker:
+def _run_unit(task: tuple):
+    """(unit, pickled setup) -> (unit id, record or None, error or None), in a pool worker."""
     global _WORKER
+    unit, setup = task
     if _WORKER is None:
-        out, plan, encoder, verify, messages = _SETUP
         try:
-            encoder = pickle.loads(encoder)
+            out, plan, encoder, verify = pickle.loads(setup)
         except Exception as e:
-            raise _WorkerSetupError(f"{type(e).__name__}: {e}") from None
-        _WORKER = UnitWorker(out, plan, encoder, verify, lambda kind, payload: messages.put((kind, payload)))
-    return _WORKER
+            return unit["id"], None, _WorkerSetupError(f"{type(e).__name__}: {e}")
+        _WORKER = UnitWorker(out, plan, encoder, verify, lambda kind, payload: _MESSAGES.put((kind, payload)))
+    return _run_unit_on(_WORKER, unit)
 
 
-def _run_unit(unit: dict, worker: UnitWorker | None = None):
-    """unit -> (unit id, record or None, error or None); errors are reported, so that other units go on."""
+def _run_unit_on(worker: UnitWorker, unit: dict):
+    """(unit id, record or None, error or None): errors are reported, so that other units go on."""
     try:
-        return unit["id"], (worker or _worker()).run(unit), None
-    except _WorkerSetupError as e:
-        return unit["id"], None, e
+        return unit["id"], worker.run(unit), None
     except (BadFileError, OSError, PrepareError) as e:
         return unit["id"], None, f"{type(e).__name__}: {e}"
     except Exception as e:
@@ -81,34 +82,30 @@ def _run_unit(unit: dict, worker: UnitWorker | None = None):
         return unit["id"], None, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
 
 
-def _run_pool(cfg: PrepareConfig, out: str, plan: dict, tok: PrepTokenizer, units: list, progress):
-    """Yields each unit's result as it finishes, on `cfg.workers` spawned processes."""
-    ctx = mp.get_context("spawn")
-    # Messages (progress, warnings) are written straight to a pipe (no feeder thread in the workers), so every
-    # message of a unit is there before the unit's result: once all results are in, the pipe holds the rest.
-    messages = ctx.SimpleQueue()
+def _pool_results(pool, messages, cfg: PrepareConfig, out: str, plan: dict, tok: PrepTokenizer, units: list,
+                  progress):
+    """Yields each unit's result as it finishes on the pool's workers, passing on their messages."""
 
     def drain() -> None:
         while not messages.empty():
             progress.message(*messages.get())
 
-    setup = (out, plan, pickle.dumps(tok.encoder, protocol=pickle.HIGHEST_PROTOCOL), cfg.verify_existing, messages)
-    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=setup) as pool:
-        # biggest units first: the tail of the run is then made of small units (better balance)
-        pending = pool.imap_unordered(_run_unit, sorted(units, key=lambda u: -u["est_bytes"]))
-        for _ in units:
-            while True:
-                try:
-                    result = pending.next(timeout=0.2)
-                    break
-                except mp.TimeoutError:
-                    drain()
-            drain()
-            if isinstance(result[2], _WorkerSetupError):  # leaving the `with` terminates the pool
-                raise PrepareError(f"a worker process could not rebuild the tokenizer {cfg.tokenizer!r} "
-                                   f"({result[2]}); completed units are kept, re-run to resume")
-            yield result
+    setup = pickle.dumps((out, plan, tok.encoder, cfg.verify_existing), protocol=pickle.HIGHEST_PROTOCOL)
+    # biggest units first: the tail of the run is then made of small units (better balance)
+    pending = pool.imap_unordered(_run_unit, [(u, setup) for u in sorted(units, key=lambda u: -u["est_bytes"])])
+    for _ in units:
+        while True:
+            try:
+                result = pending.next(timeout=0.2)
+                break
+            except mp.TimeoutError:
+                drain()
         drain()
+        if isinstance(result[2], _WorkerSetupError):  # leaving the pool's `with` terminates it
+            raise PrepareError(f"a worker process could not rebuild the tokenizer {cfg.tokenizer!r} "
+                               f"({result[2]}); completed units are kept, re-run to resume")
+        yield result
+    drain()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,19 +156,27 @@ def prepare(cfg: PrepareConfig) -> dict:
     check(cfg, "preparation settings")
     t0 = time.perf_counter()
     out = os.path.abspath(cfg.output)
-    tok = load_prep_tokenizer(cfg.tokenizer, threads=cfg.workers == 1)
-    plan, units = _plan_task(cfg, tok, out)
-    progress = _Progress(len(units), cfg.progress)
-    if cfg.workers == 1:
-        worker = UnitWorker(out, plan, tok.encoder, cfg.verify_existing, progress.message)
-        results = (_run_unit(u, worker) for u in units)
-    else:
-        results = _run_pool(cfg, out, plan, tok, units, progress)
     records, failures = {}, {}
-    for uid, rec, err in results:
-        (failures.__setitem__(uid, err) if err else records.__setitem__(uid, rec))
-        progress.bar.update(1)
-    progress.bar.close()
+    with contextlib.ExitStack() as stack:
+        if cfg.workers > 1:
+            ctx = mp.get_context("spawn")
+            # Messages (progress, warnings) are written straight to a pipe (no feeder thread in the workers), so
+            # every message of a unit is there before the unit's result: once all results are in, the pipe holds
+            # the rest.
+            messages = ctx.SimpleQueue()
+            pool = stack.enter_context(ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(messages,)))
+        tok = load_prep_tokenizer(cfg.tokenizer, threads=cfg.workers == 1)
+        plan, units = _plan_task(cfg, tok, out)
+        progress = _Progress(len(units), cfg.progress)
+        if cfg.workers == 1:
+            worker = UnitWorker(out, plan, tok.encoder, cfg.verify_existing, progress.message)
+            results = (_run_unit_on(worker, u) for u in units)
+        else:
+            results = _pool_results(pool, messages, cfg, out, plan, tok, units, progress)
+        for uid, rec, err in results:
+            (failures.__setitem__(uid, err) if err else records.__setitem__(uid, rec))
+            progress.bar.update(1)
+        progress.bar.close()
     wall = time.perf_counter() - t0
     if failures:
         lines = [f"unit {uid}: {err}" for uid, err in sorted(failures.items())]
