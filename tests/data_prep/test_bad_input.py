@@ -256,6 +256,19 @@ def _write_parquet(path, **columns) -> None:
     pq.write_table(pa.table(columns), path)
 
 
+def test_invalid_settings_all_reported_at_once(tmp_path, cli):
+    """Settings are checked before any work; every problem is listed, each naming its key (exit 2)."""
+    src = tmp_path / "in.txt"
+    src.write_text("a document\n", encoding="utf-8")
+    proc = cli("--input", src, "--output", tmp_path / "out", "--workers", "0", "--valid-fraction", "1.5",
+               "--unit-mb", "-1", "--no-progress", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "3 problem(s)" in proc.stderr and "Traceback" not in proc.stderr
+    for key in ("workers:", "valid_fraction:", "unit_mb:"):
+        assert key in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_unusable_inputs_all_reported_at_once(tmp_path, wordpiece_dir, cli):
     (tmp_path / "good.txt").write_text("A good document.\n")
     (tmp_path / "emptydir").mkdir()
