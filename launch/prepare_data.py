@@ -50,8 +50,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         else:
             hint = hints[f.name]
             kind = int if hint is int else float if float in (hint, *typing.get_args(hint)) else str
-            p.add_argument(flag, *SHORT.get(f.name, ()), type=kind, default=f.default, choices=f.metadata.get("choices"),
-                           help=f"{help_} (default: %(default)s)")
+            p.add_argument(flag, *SHORT.get(f.name, ()), type=kind, default=f.default,
+                           choices=f.metadata.get("choices"),
+                           help=help_ if f.default is None else f"{help_} (default: %(default)s)")
 
 
 def parse(argv):

@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass
 
 from .readers import BadFileError, load_dataset_source, open_binary
-FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+           ".parquet": "parquet"}
 COMPRESSION = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
 COMPRESSION_RATIO_GUESS = 3  # planning estimate of decompressed bytes per compressed byte
 SPEC_OPTIONS = {"field", "text_mode", "format", "config", "split"}
