@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.data_prep import format as fmt
+from pipeline import shards as fmt
 
 
 class DatasetError(ValueError):

@@ -33,45 +33,6 @@ def decode(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
-def needs_no_cleaning(text: str, max_doc_chars: int) -> bool:
-    """True when `clean` would return `[text]` unchanged with no repair (valid UTF-8 given): no control
-    character, no U+FFFD, not empty or whitespace-only, not too long. The workers' per-document fast path: most
-    documents are like this, and the test compares it with `clean` on every kind of text."""
-    return (len(text) <= max_doc_chars and _CONTROL.search(text) is None and _REPLACEMENT not in text
-            and not text.isspace() and text != "")
-
-
-def ready_text(payload: bytes | str, max_doc_chars: int) -> str | None:
-    """The document as text when it goes to the tokenizer as it is (valid UTF-8 that `needs_no_cleaning`), else
-    None: then `decode` and `clean` decide. The workers' fast path."""
-    if payload.__class__ is bytes:
-        try:
-            payload = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return payload if needs_no_cleaning(payload, max_doc_chars) else None
-
-
-_CONTROL_BYTES = bytes(range(0x00, 0x09)) + b"\x0b\x0c" + bytes(range(0x0e, 0x20)) + b"\x7f"  # _CONTROL in UTF-8
-_REPLACEMENT_BYTES = _REPLACEMENT.encode()
-
-
-def ready_texts(docs: list[bytes], max_doc_chars: int) -> list[str] | None:
-    """The documents as texts when every one is `ready_text` (almost always), else None. Checked in a few
-    passes over all of them, each in C rather than a Python call per document: decoding, then their bytes
-    for control characters and U+FFFD (in UTF-8, ASCII bytes are ASCII characters and U+FFFD has one
-    encoding), their lengths, and whitespace-only ones."""
-    try:
-        texts = list(map(bytes.decode, docs))
-    except UnicodeDecodeError:
-        return None
-    joined = b"".join(docs)
-    if (len(joined.translate(None, _CONTROL_BYTES)) == len(joined) and _REPLACEMENT_BYTES not in joined
-            and max(map(len, texts), default=0) <= max_doc_chars and all(texts) and not any(map(str.isspace, texts))):
-        return texts
-    return None
-
-
 def clean(text: str, cfg: CleanConfig, utf8_repaired: bool = False) -> tuple[list[str], str | None, list[str]]:
     """Returns (pieces, dropped_reason, repairs). `pieces` is empty when the document is dropped."""
     repairs = ["invalid_utf8"] if utf8_repaired else []

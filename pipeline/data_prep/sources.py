@@ -1,4 +1,4 @@
-"""Inputs: parse input specs, plan them into work units, and stream documents out of a unit.
+"""Inputs: parse input specs and plan them into work units (readers.py streams documents out of a unit).
 
 An input spec is a path, directory or glob of local files, `hf:NAME` (a Hugging Face dataset, streamed),
 or `disk:FOLDER` (a `save_to_disk` folder; a folder holding `dataset_info.json`/`state.json` is recognised
@@ -14,21 +14,12 @@ independently give exactly the documents of one sequential read. Small files are
 from __future__ import annotations
 
 import glob
-import gzip
-import io
-import itertools
-import json
 import os
-import re
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass
 
-from .cleaning import decode
-
-CHUNK = 1 << 20  # longest piece of a line read at once: bounds memory for a 50 MB single-line file
-TEXT_EXT = (".txt", ".text")
-JSONL_EXT = (".jsonl", ".ndjson")
-KNOWN_EXT = TEXT_EXT + JSONL_EXT + (".json", ".parquet")
+from .readers import BadFileError, load_dataset_source, open_binary
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+           ".parquet": "parquet"}
 COMPRESSION = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
 COMPRESSION_RATIO_GUESS = 3  # planning estimate of decompressed bytes per compressed byte
 SPEC_OPTIONS = {"field", "text_mode", "format", "config", "split"}
@@ -36,15 +27,6 @@ SPEC_OPTIONS = {"field", "text_mode", "format", "config", "split"}
 
 class PlanError(ValueError):
     """One or more inputs cannot be used; the message lists every problem."""
-
-
-class BadFileError(RuntimeError):
-    """A whole input file cannot be read (corrupt archive, unreadable Parquet, truncated JSON array)."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 @dataclass
@@ -105,19 +87,8 @@ def _file_format(path: str, forced: str | None) -> tuple[str | None, str | None]
     base, ext = os.path.splitext(path)
     compression = COMPRESSION.get(ext.lower())
     if compression:
-        _, ext = os.path.splitext(base)
-    if forced:
-        return forced, compression
-    ext = ext.lower()
-    if ext in TEXT_EXT:
-        return "text", compression
-    if ext in JSONL_EXT:
-        return "jsonl", compression
-    if ext == ".json":
-        return "json", compression
-    if ext == ".parquet":
-        return "parquet", compression
-    return None, compression
+        ext = os.path.splitext(base)[1]
+    return forced or FORMATS.get(ext.lower()), compression
 
 
 def _expand_files(src: Source, problems: list[str], notes: list[str]) -> list[str]:
@@ -135,7 +106,7 @@ def _expand_files(src: Source, problems: list[str], notes: list[str]) -> list[st
             notes.append(f"{loc}: skipped {len(skipped)} file(s) with unknown extensions (e.g. {skipped[0]}); "
                          f"name them explicitly or add #format=text to read them")
         if not found:
-            problems.append(f"{src.spec}: directory has no input files ({', '.join(KNOWN_EXT)}, optionally .gz/.zst)")
+            problems.append(f"{src.spec}: directory has no input files ({', '.join(FORMATS)}, optionally .gz/.zst)")
         return sorted(found)
     if any(c in loc for c in "*?["):
         found = sorted(p for p in glob.glob(loc, recursive=True) if os.path.isfile(p))
@@ -160,110 +131,118 @@ def plan_pieces(sources: list[Source], unit_bytes: int | None) -> tuple[list[dic
     listing every unusable input."""
     problems: list[str] = []
     notes: list[str] = []
-    entries = []  # (source, kind, path, compression, size, extra)
+    entries = []  # (source, format, path, compression, size, extra)
     for src in sources:
         if src.kind == "files":
-            for path in _expand_files(src, problems, notes):
-                fmt, compression = _file_format(path, src.format)
-                fmt = fmt or "text"
-                if fmt == "parquet" and compression:
-                    problems.append(f"{path}: compressed Parquet files are not supported (Parquet compresses itself)")
-                    continue
-                try:
-                    size = os.path.getsize(path)
-                except OSError as e:
-                    problems.append(f"{path}: cannot stat ({e.strerror})")
-                    continue
-                extra = {}
-                if fmt == "parquet":
-                    try:
-                        import pyarrow.parquet as pq
-
-                        meta = pq.ParquetFile(path).metadata
-                        names = meta.schema.names
-                        if src.field not in names:
-                            problems.append(f"{path}: Parquet file has no column {src.field!r} (columns: {names}); "
-                                            f"pick one with #field=NAME or --text-field")
-                            continue
-                        extra["row_groups"] = [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
-                                               for i in range(meta.num_row_groups)]
-                    except Exception as e:
-                        problems.append(f"{path}: unreadable Parquet file ({type(e).__name__}: {e})")
-                        continue
-                elif fmt == "json":
-                    try:
-                        fmt = "json" if _sniff_json_array(path, compression) else "jsonl"
-                    except (OSError, EOFError, BadFileError) as e:
-                        problems.append(f"{path}: cannot read ({e})")
-                        continue
-                entries.append((src, fmt, path, compression, size, extra))
-        elif src.kind == "disk":
-            try:
-                ds = _load_disk(src)
-            except Exception as e:
-                problems.append(f"{src.spec}: cannot load_from_disk ({type(e).__name__}: {e})")
-                continue
-            if src.field not in ds.column_names:
-                problems.append(f"{src.spec}: dataset has no column {src.field!r} (columns: {ds.column_names}); "
-                                f"pick one with #field=NAME or --text-field")
-                continue
-            nbytes = int(ds.data.nbytes)
-            entries.append((src, "disk", os.path.abspath(src.location), None, nbytes, {"rows": len(ds)}))
-        else:  # hf
-            try:
-                ds = _load_hf(src)
-                n_shards = int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", 1) or 1)
-            except Exception as e:
-                first = str(e).splitlines()[0] if str(e) else ""
-                problems.append(
-                    f"{src.spec}: could not open Hugging Face dataset {src.location!r} (config={src.config}, "
-                    f"split={src.split}) in streaming mode: {type(e).__name__}: {first}. Without internet, "
-                    f"download it elsewhere (datasets.load_dataset(...).save_to_disk(FOLDER)) and pass "
-                    f"disk:FOLDER, or point hf: at a local folder of data files")
-                continue
-            entries.append((src, "hf", src.location, None, 0, {"n_shards": n_shards}))
+            entries += [e for path in _expand_files(src, problems, notes)
+                        if (e := _file_entry(src, path, problems)) is not None]
+        elif (e := _dataset_entry(src, problems)) is not None:
+            entries.append(e)
     if problems:
         raise PlanError("cannot use these inputs:\n  - " + "\n  - ".join(problems))
     if not entries:
         raise PlanError("no inputs given")
-
-    total = sum(e[4] * (COMPRESSION_RATIO_GUESS if e[3] else 1) for e in entries)
     if unit_bytes is None:
-        unit_bytes = auto_unit_bytes(total)
+        unit_bytes = auto_unit_bytes(sum(e[4] * (COMPRESSION_RATIO_GUESS if e[3] else 1) for e in entries))
+    return [p for e in entries for p in _pieces(*e, unit_bytes)], notes, unit_bytes
+
+
+def _file_entry(src: Source, path: str, problems: list[str]) -> tuple | None:
+    fmt, compression = _file_format(path, src.format)
+    fmt = fmt or "text"
+    if fmt == "parquet" and compression:
+        problems.append(f"{path}: compressed Parquet files are not supported (Parquet compresses itself)")
+        return None
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        problems.append(f"{path}: cannot stat ({e.strerror})")
+        return None
+    extra = {}
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path).metadata
+        except Exception as e:
+            problems.append(f"{path}: unreadable Parquet file ({type(e).__name__}: {e})")
+            return None
+        if src.field not in meta.schema.names:
+            problems.append(f"{path}: Parquet file has no column {src.field!r} (columns: {meta.schema.names}); "
+                            f"pick one with #field=NAME or --text-field")
+            return None
+        extra["row_groups"] = [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
+                               for i in range(meta.num_row_groups)]
+    elif fmt == "json":
+        try:
+            fmt = "json" if _sniff_json_array(path, compression) else "jsonl"
+        except (OSError, EOFError, BadFileError) as e:
+            problems.append(f"{path}: cannot read ({e})")
+            return None
+    return src, fmt, path, compression, size, extra
+
+
+def _dataset_entry(src: Source, problems: list[str]) -> tuple | None:
+    """A disk: or hf: input: its rows (disk) or shards (hf)."""
+    try:
+        ds = load_dataset_source(src)
+        n_shards = int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", 1) or 1)
+    except Exception as e:
+        if src.kind == "disk":
+            problems.append(f"{src.spec}: cannot load_from_disk ({type(e).__name__}: {e})")
+        else:
+            first = str(e).splitlines()[0] if str(e) else ""
+            problems.append(
+                f"{src.spec}: could not open Hugging Face dataset {src.location!r} (config={src.config}, "
+                f"split={src.split}) in streaming mode: {type(e).__name__}: {first}. Without internet, "
+                f"download it elsewhere (datasets.load_dataset(...).save_to_disk(FOLDER)) and pass "
+                f"disk:FOLDER, or point hf: at a local folder of data files")
+        return None
+    if src.kind == "hf":
+        return src, "hf", src.location, None, 0, {"n_shards": n_shards}
+    if src.field not in ds.column_names:
+        problems.append(f"{src.spec}: dataset has no column {src.field!r} (columns: {ds.column_names}); "
+                        f"pick one with #field=NAME or --text-field")
+        return None
+    return src, "disk", os.path.abspath(src.location), None, int(ds.data.nbytes), {"rows": len(ds)}
+
+
+def _pieces(src: Source, fmt: str, path: str, compression: str | None, size: int, extra: dict,
+            unit_bytes: int) -> list[dict]:
+    """The pieces of one input: byte ranges of uncompressed text and JSON Lines files, groups of Parquet row
+    groups, row ranges of a dataset, dataset shards; anything else (compressed, a JSON array) read whole."""
+    base = {"source": src.index, "format": fmt, "path": path}
     pieces = []
-    for src, fmt, path, compression, size, extra in entries:
-        base = {"source": src.index, "format": fmt, "path": path}
-        if fmt in ("text", "jsonl") and not compression:
-            n = max(1, -(-size // unit_bytes))
-            for i in range(n):
-                start, end = i * unit_bytes, min(size, (i + 1) * unit_bytes)
-                pieces.append({**base, "start": start, "end": end if i < n - 1 else None,
-                               "est_bytes": end - start})
-        elif fmt == "parquet":
-            group, est, row0 = [], 0, 0
-            for i, (rows, nbytes) in enumerate(extra["row_groups"]):
-                if group and est + nbytes > unit_bytes:
-                    pieces.append({**base, "row_groups": group, "first_row": row0, "est_bytes": est})
-                    row0 += sum(extra["row_groups"][g][0] for g in group)
-                    group, est = [], 0
-                group.append(i)
-                est += nbytes
-            if group or not pieces:
+    if fmt in ("text", "jsonl") and not compression:
+        n = max(1, -(-size // unit_bytes))
+        for i in range(n):
+            start, end = i * unit_bytes, min(size, (i + 1) * unit_bytes)
+            pieces.append({**base, "start": start, "end": end if i < n - 1 else None, "est_bytes": end - start})
+    elif fmt == "parquet":
+        group, est, row0 = [], 0, 0
+        for i, (rows, nbytes) in enumerate(extra["row_groups"]):
+            if group and est + nbytes > unit_bytes:
                 pieces.append({**base, "row_groups": group, "first_row": row0, "est_bytes": est})
-        elif fmt == "disk":
-            rows = extra["rows"]
-            per_row = max(1, size // max(rows, 1))
-            step = max(1, unit_bytes // per_row)
-            for a in range(0, max(rows, 1), step):
-                b = min(rows, a + step)
-                pieces.append({**base, "rows": [a, b], "est_bytes": (b - a) * per_row})
-        elif fmt == "hf":
-            for k in range(extra["n_shards"]):
-                pieces.append({**base, "shard": k, "n_shards": extra["n_shards"], "est_bytes": unit_bytes})
-        else:  # compressed text/jsonl, or a JSON array: read whole, from the start
-            pieces.append({**base, "compression": compression, "start": 0, "end": None,
-                           "est_bytes": size * (COMPRESSION_RATIO_GUESS if compression else 1)})
-    return pieces, notes, unit_bytes
+                row0 += sum(extra["row_groups"][g][0] for g in group)
+                group, est = [], 0
+            group.append(i)
+            est += nbytes
+        if group or not pieces:
+            pieces.append({**base, "row_groups": group, "first_row": row0, "est_bytes": est})
+    elif fmt == "disk":
+        rows = extra["rows"]
+        per_row = max(1, size // max(rows, 1))
+        step = max(1, unit_bytes // per_row)
+        for a in range(0, max(rows, 1), step):
+            b = min(rows, a + step)
+            pieces.append({**base, "rows": [a, b], "est_bytes": (b - a) * per_row})
+    elif fmt == "hf":
+        for k in range(extra["n_shards"]):
+            pieces.append({**base, "shard": k, "n_shards": extra["n_shards"], "est_bytes": unit_bytes})
+    else:
+        pieces.append({**base, "compression": compression, "start": 0, "end": None,
+                       "est_bytes": size * (COMPRESSION_RATIO_GUESS if compression else 1)})
+    return pieces
 
 
 def auto_unit_bytes(total_bytes: int) -> int:
@@ -286,587 +265,3 @@ def group_units(pieces: list[dict], unit_bytes: int) -> list[dict]:
     if current:
         units.append(current)
     return [{"id": i, "pieces": u, "est_bytes": sum(p["est_bytes"] for p in u)} for i, u in enumerate(units)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------------------
-
-def _zstd_truncated(path: str) -> str | None:
-    """Why a zstd file ends inside a frame (an interrupted download or copy), else None.
-
-    python-zstandard's stream reader reports such a file as a clean end of data, which would silently make
-    a short shard (gzip raises EOFError instead). Walking the frame and block headers (RFC 8878), seeking
-    over block contents, finds it without decompressing. Data that is not zstd is left to the decompressor."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        pos = 0
-        while pos < size:
-            f.seek(pos)
-            head = f.read(8)
-            magic = int.from_bytes(head[:4], "little")
-            skippable = 0x184D2A50 <= magic <= 0x184D2A5F  # magic, 4-byte length, data
-            if magic != 0xFD2FB528 and not skippable and len(head) >= 4:
-                return None
-            if len(head) < (8 if skippable else 5):
-                return f"truncated: ends inside a frame header (at byte {pos} of {size})"
-            if skippable:
-                pos += 8 + int.from_bytes(head[4:8], "little")
-                continue
-            fhd = head[4]
-            single = fhd >> 5 & 1
-            pos += 5 + (not single) + (0, 1, 2, 4)[fhd & 3] + (single, 2, 4, 8)[fhd >> 6]
-            while True:  # blocks: a 3-byte header (last-block flag, type, size), then the content
-                f.seek(pos)
-                header = f.read(3)
-                if len(header) < 3:
-                    return f"truncated: ends inside a frame ({size} bytes)"
-                h = int.from_bytes(header, "little")
-                pos += 3 + (1 if (h >> 1) & 3 == 1 else h >> 3)  # an RLE block stores one byte
-                if h & 1:
-                    break
-            pos += 4 * (fhd >> 2 & 1)  # content checksum
-    return None if pos == size else f"truncated: ends inside a frame ({size} bytes)"
-
-
-def open_binary(path: str, compression: str | None):
-    """A binary file object with readline(); decompressing gzip and zstd streams."""
-    if compression == "gz":
-        return gzip.open(path, "rb")
-    if compression == "zst":
-        import zstandard
-
-        reason = _zstd_truncated(path)
-        if reason:
-            raise BadFileError(path, f"corrupt zstd file: {reason}")
-        raw = open(path, "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader, buffer_size=CHUNK)
-    return open(path, "rb", buffering=CHUNK)
-
-
-def _lines(f, pos: int) -> Iterator[tuple[int, bytes, bool, bool]]:
-    """Yields (line_start, chunk, first, complete): lines read in chunks of at most CHUNK bytes."""
-    line_start = pos
-    first = True
-    while True:
-        chunk = f.readline(CHUNK)
-        if not chunk:
-            return
-        complete = chunk.endswith(b"\n")
-        yield line_start, chunk, first, complete
-        pos += len(chunk)
-        if complete:
-            line_start = pos
-        first = complete
-
-
-def _cut(buf: bytes, max_bytes: int) -> int:
-    """Where to cut a too-long document: the last space/newline in the second half, else a UTF-8 boundary."""
-    window = buf[max_bytes // 2:max_bytes]
-    cut = max(window.rfind(b" "), window.rfind(b"\n"))
-    if cut >= 0:
-        return max_bytes // 2 + cut + 1
-    cut = max_bytes
-    while cut > 0 and (buf[cut] & 0xC0) == 0x80:  # do not cut inside a UTF-8 sequence
-        cut -= 1
-    return cut or max_bytes
-
-
-def _seek_line_start(f, start: int, end: int | None) -> int | None:
-    """Move `f` to the first line start at or after `start` and return it; None when there is none before
-    `end` (the range then owns nothing, and a giant line crossing it is not read to its end)."""
-    if start == 0:
-        return 0
-    f.seek(start - 1)
-    pos = start - 1
-    while end is None or pos < end:
-        c = f.readline(CHUNK)
-        pos += len(c)
-        if not c or c.endswith(b"\n"):
-            return pos
-    return None
-
-
-@dataclass
-class PieceStats:
-    lines: int = 0  # lines whose first byte lies in the piece's byte range (for absolute line numbers)
-
-
-def _blank_line_patterns(chunk: int):
-    """Regexes for a blank line: whitespace only (bytes.isspace) and complete, at most `chunk` bytes with its
-    newline. A longer whitespace-only line is text, as when lines were read `chunk` bytes at a time. In the
-    first two, group 1 is the blank line."""
-    return _blank_cache.get(chunk) or _blank_cache.setdefault(chunk, (
-        re.compile(rb"([ \t\r\x0b\x0c]{0,%d}\n)" % (chunk - 1)),  # .match(): a blank line at this line start
-        # each newline followed by a blank line; only the newline is consumed, so consecutive blank lines are
-        # all found, and the scan runs at memchr speed from one newline to the next
-        re.compile(rb"\n(?=([ \t\r\x0b\x0c]{0,%d}\n))" % (chunk - 1)),
-        # .split() of text that starts with a text line: [text, sep, text, sep, ..., text], a separator being
-        # the newline that ends a text line and the blank lines after it
-        re.compile(rb"(\n(?:[ \t\r\x0b\x0c]{0,%d}\n)+)" % (chunk - 1)),
-    ))
-
-
-class DocBlock:
-    """Consecutive whole documents of one read, handed over together: the readers' fast path, which saves a
-    generator step, a slice and a line count per document (on short documents, as much as the rest of the
-    reading). `docs` are the documents' bytes (each with its final newline); `line_of(i)` is the line of
-    document i, as `read_text_range` counts them, computed on demand: only a document that warns needs it."""
-
-    __slots__ = ("docs", "line_of")
-
-    def __init__(self, docs: list[bytes], line_of: Callable[[int], int]):
-        self.docs = docs
-        self.line_of = line_of
-
-
-def _paragraph_lines(parts: list[bytes], first_line: int, skip: int) -> Callable[[int], int]:
-    """line_of for documents parts[2 * (skip + i)] of a blank-line split (see _blank_line_patterns)."""
-    cum: list[int] = []
-
-    def line_of(i: int) -> int:
-        if not cum:  # newlines before each part, once, when the first line is asked for
-            cum.append(0)
-            cum.extend(itertools.accumulate(map(bytes.count, parts, itertools.repeat(b"\n"))))
-        return first_line + cum[2 * (skip + i)]
-    return line_of
-
-
-_blank_cache: dict = {}
-_LINE = re.compile(rb"[^\n]*\n")
-
-
-def read_text_range(f, start: int, end: int | None, mode: str, max_doc_bytes: int,
-                    stats: PieceStats) -> Iterator[tuple[bytes, int, bool]]:
-    """Documents of the byte range [start, end) of a text file: yields (bytes, local_line, was_cut), one by
-    one. See `read_text_blocks`, which hands most of them over in blocks."""
-    for item in read_text_blocks(f, start, end, mode, max_doc_bytes, stats):
-        if item[0].__class__ is DocBlock:
-            block = item[0]
-            for i, doc in enumerate(block.docs):
-                yield doc, block.line_of(i), False
-        else:
-            yield item
-
-
-def read_text_blocks(f, start: int, end: int | None, mode: str, max_doc_bytes: int,
-                     stats: PieceStats) -> Iterator[tuple[bytes | DocBlock, int, bool]]:
-    """Documents of the byte range [start, end) of a text file: yields (bytes, local_line, was_cut), or
-    (DocBlock, line of its first document, False) for whole documents of one read that need no cutting.
-
-    Ownership, which makes ranges read independently equal one sequential read:
-    - lines mode: a document is a line; the range owns the lines starting in it.
-    - paragraphs mode: documents are separated by blank lines. A range that starts inside the file skips
-      up to and including the first blank line starting in it; every range stops at the first blank line
-      starting at or after its end, finishing the document in progress. So a document belongs to the
-      range in which the blank line before it starts.
-    A blank line is whitespace only, ends with a newline and is at most CHUNK bytes long (a longer one is
-    text). A document longer than `max_doc_bytes` is cut (`_cut`) into pieces; the first piece is flagged.
-    `local_line` counts lines from the range's first line start (0-based).
-
-    The file is read CHUNK bytes at a time, and the complete lines of each read are handled together:
-    documents split out of the read by a regex, lines counted with bytes.count. A loop over lines costs about
-    1 us per line in Python, more than the rest of the reading; a loop over documents, about as much per
-    document on short ones, hence the blocks.
-    """
-    pos = _seek_line_start(f, start, end)
-    if pos is None:
-        return
-    chunk = CHUNK
-    paragraphs = mode == "paragraphs"
-    blank_at, blank_after, blank_split = _blank_line_patterns(chunk)
-    skipping = paragraphs and start > 0
-    buf = bytearray()  # the document in progress when it spans reads or is being cut
-    doc_line = 0
-    doc_cut = False
-    next_line = 0  # index of the next line to start
-    in_line = False  # a long line (> CHUNK) is being read in pieces
-    data = b""  # read but not yet handled; starts at a line start unless in_line
-    p = pos  # file offset of data[0]
-    eof = False
-
-    def cut_buf():  # yields the pieces of a too-long document in progress
-        nonlocal doc_cut
-        while len(buf) > max_doc_bytes:  # flag the first cut only: split_long counts documents
-            cut = _cut(buf, max_doc_bytes)
-            yield bytes(buf[:cut]), doc_line, not doc_cut
-            doc_cut = True
-            del buf[:cut]
-
-    def whole(doc: bytes, line: int):  # a complete document (none in progress): as it is, or in cut pieces
-        nonlocal doc_line, doc_cut
-        if len(doc) <= max_doc_bytes:
-            yield doc, line, False
-            return
-        buf.extend(doc)
-        doc_line, doc_cut = line, False
-        yield from cut_buf()
-        yield bytes(buf), doc_line, False
-        buf.clear()
-
-    def add_text(b: int, e: int, line: int):  # text lines data[b:e] (line = index of the first) join the doc
-        nonlocal doc_line, doc_cut
-        if not buf:
-            doc_line, doc_cut = line, False
-        buf.extend(data[b:e])
-        yield from cut_buf()
-
-    while True:
-        if not eof:
-            block = f.read(chunk)
-            if block:
-                data = data + block if data else block
-            else:
-                eof = True
-        if in_line:  # the rest of a long line: its start was handled (skipped, or added to the document)
-            k = data.find(b"\n")
-            stop = len(data) if k < 0 else k + 1
-            if not skipping:
-                buf.extend(data[:stop])
-                yield from cut_buf()
-            if k >= 0:
-                in_line = False
-                if not paragraphs:
-                    yield bytes(buf), doc_line, False
-                    buf.clear()
-            data, p = data[stop:], p + stop
-            if eof and not data:
-                break
-            continue
-        k = data.rfind(b"\n") + 1  # data[:k]: complete lines
-        if not k:
-            if not data:
-                if eof:
-                    break
-                continue
-            if len(data) < chunk and not eof:
-                continue  # a short line not complete yet: it could still be a blank line
-            # A line longer than CHUNK, or the last line of the file without a newline: text, never blank.
-            line, next_line = next_line, next_line + 1
-            in_range = end is None or p < end
-            if in_range:
-                stats.lines += 1
-            elif not paragraphs or skipping:
-                return
-            if not skipping:
-                if not buf:
-                    doc_line, doc_cut = line, False
-                buf.extend(data)
-                yield from cut_buf()
-            p, data, in_line = p + len(data), b"", not eof
-            if eof:
-                break
-            continue
-
-        # data[:cutoff]: the complete lines that start before `end`; data[cutoff:k]: the complete ones after
-        if end is None:
-            cutoff = k
-        elif p >= end:
-            cutoff = 0
-        else:
-            cutoff = data.find(b"\n", end - p - 1, k) + 1 or k
-        base = next_line
-        n_in = data.count(b"\n", 0, cutoff)
-        stats.lines += n_in
-        if not paragraphs:
-            lines = _LINE.findall(data, 0, cutoff)
-            if max(map(len, lines), default=0) <= max_doc_bytes:
-                if lines:
-                    yield DocBlock(lines, base.__add__), base, False
-            else:
-                for i, line in enumerate(lines):
-                    yield from whole(line, base + i)
-            if cutoff < k:
-                return
-        else:
-            x = 0  # handled up to here
-            x_line = base  # index of the line starting at x
-            if skipping and cutoff:
-                m = blank_at.match(data, 0, cutoff)
-                if m is None and cutoff > 1:
-                    m = blank_after.search(data, 0, cutoff)
-                if m is not None:
-                    skipping = False
-                    x = m.end(1)
-                    x_line = base + data.count(b"\n", 0, x)
-                else:
-                    x = cutoff
-            if not skipping:
-                while x < cutoff:  # blank lines at x end the document in progress
-                    m = blank_at.match(data, x, cutoff)
-                    if m is None:
-                        break
-                    if buf:
-                        yield bytes(buf), doc_line, False
-                        buf.clear()
-                    x, x_line = m.end(1), x_line + 1
-            if not skipping and x < cutoff:
-                # data[x:cutoff] starts with a text line: [text, sep, ..., text]; each text but the last is a
-                # document (its final newline opens the separator after it); the last goes on in the next read
-                parts = blank_split.split(data[x:cutoff] if x or cutoff < len(data) else data)
-                if len(parts) > 1:
-                    docs = list(map(bytes.__add__, parts[0:-1:2], itertools.repeat(b"\n")))
-                    skip = 0
-                    if buf:  # the first one ends the document in progress
-                        buf.extend(docs[0])
-                        yield from cut_buf()
-                        yield bytes(buf), doc_line, False
-                        buf.clear()
-                        skip = 1
-                    line_of = _paragraph_lines(parts, x_line, skip)
-                    if skip:
-                        del docs[0]
-                    if max(map(len, docs), default=0) <= max_doc_bytes:
-                        if docs:  # the line of the first document, without line_of's count over the block
-                            first = x_line + (skip and parts[0].count(b"\n") + parts[1].count(b"\n"))
-                            yield DocBlock(docs, line_of), first, False
-                    else:
-                        for i, doc in enumerate(docs):
-                            yield from whole(doc, line_of(i))
-                    x, x_line = cutoff - len(parts[-1]), x_line + data.count(b"\n", x, cutoff - len(parts[-1]))
-                if x < cutoff:  # a document that goes on in the next read
-                    yield from add_text(x, cutoff, x_line)
-            if cutoff < k:
-                # Lines starting at or after `end`: a range still skipping is done; otherwise the document in
-                # progress, or one starting right at the end, runs to the next blank line.
-                if skipping:
-                    return
-                line = base + n_in
-                m = blank_at.match(data, cutoff, k)
-                if m is None and k - cutoff > 1:
-                    m = blank_after.search(data, cutoff, k)
-                b = k if m is None else m.start(1)
-                if b > cutoff:
-                    yield from add_text(cutoff, b, line)
-                if m is not None:
-                    if buf:
-                        yield bytes(buf), doc_line, False
-                        buf.clear()
-                    return
-        next_line = base + data.count(b"\n", 0, k)
-        data, p = data[k:], p + k
-    if buf:
-        yield bytes(buf), doc_line, False
-
-
-def read_jsonl_range(f, start: int, end: int | None, field: str, max_record_bytes: int, stats: PieceStats,
-                     bad: Callable[[str, int, str], None]) -> Iterator[tuple[str, int, bool]]:
-    """Text fields of the JSON Lines records starting in [start, end): yields (text, local_line, repaired)."""
-    pos = _seek_line_start(f, start, end)
-    if pos is None:
-        return
-    buf = bytearray()
-    too_long = False
-    line_idx = -1
-    for line_start, chunk, first, complete in _lines(f, pos):
-        if first:
-            line_idx += 1
-            if end is not None and line_start >= end:
-                break
-            stats.lines += 1
-            too_long = False
-            buf.clear()
-        if not too_long:
-            buf += chunk
-            if len(buf) > max_record_bytes:
-                too_long = True
-                buf.clear()
-                bad("record_too_long", line_idx, f"longer than {max_record_bytes} bytes")
-        if not complete or too_long:
-            continue
-        raw = bytes(buf)
-        buf.clear()
-        if raw.isspace() or not raw:
-            continue
-        yield from _json_record(*decode(raw), line_idx, field, bad)
-    if buf and not too_long and not bytes(buf).isspace():  # last line without a newline
-        raw = bytes(buf)
-        yield from _json_record(*decode(raw), line_idx, field, bad)
-
-
-def _json_record(text: str, repaired: bool, loc: int, field: str, bad) -> Iterator[tuple[str, int, bool]]:
-    try:
-        obj = json.loads(text)
-    except ValueError as e:
-        bad("invalid_json", loc, str(e))
-        return
-    if not isinstance(obj, dict):
-        bad("not_an_object", loc, f"a JSON {type(obj).__name__}, not an object")
-    elif field not in obj:
-        bad("missing_field", loc, f"no field {field!r} (fields: {sorted(obj)[:8]})")
-    elif not isinstance(obj[field], str):
-        bad("field_not_string", loc, f"field {field!r} is a {type(obj[field]).__name__}")
-    else:
-        yield obj[field], loc, repaired
-
-
-def read_json_array(f, path: str, field: str, max_record_bytes: int,
-                    bad: Callable[[str, int, str], None]) -> Iterator[tuple[str, int, bool]]:
-    """Objects of a top-level JSON array, parsed incrementally (never the whole file in memory).
-    A malformed element ends the file with BadFileError: an array has no line to resynchronise on."""
-    text_f = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
-    dec = json.JSONDecoder()
-    buf, idx, eof, line = "", 0, False, 0
-
-    def fill() -> None:
-        nonlocal buf, idx, eof
-        chunk = text_f.read(CHUNK)
-        eof = not chunk
-        buf = buf[idx:] + chunk
-        idx = 0
-
-    def skip_ws() -> bool:
-        nonlocal idx, line
-        while True:
-            while idx < len(buf) and buf[idx] in " \t\r\n":
-                line += buf[idx] == "\n"
-                idx += 1
-            if idx < len(buf):
-                return True
-            if eof:
-                return False
-            fill()
-
-    fill()
-    if not skip_ws() or buf[idx] != "[":
-        raise BadFileError(path, "not a JSON array (expected '[' at the start)")
-    idx += 1
-    expect_value = True
-    while True:
-        if not skip_ws():
-            raise BadFileError(path, f"truncated JSON array (no closing ']' after line {line + 1})")
-        c = buf[idx]
-        if c == "]":
-            idx += 1
-            if skip_ws():  # e.g. two arrays concatenated: the second one must not be lost silently
-                raise BadFileError(path, f"data at line {line + 1}, after the array's closing ']' (one JSON "
-                                         f"array per .json file; use JSON Lines for concatenated data)")
-            return
-        if c == "," and not expect_value:
-            idx += 1
-            expect_value = True
-            continue
-        if not expect_value:
-            raise BadFileError(path, f"invalid JSON at line {line + 1}: expected ',' or ']' after an array element")
-        try:
-            obj, end = dec.raw_decode(buf, idx)
-            if end >= len(buf) and not eof:
-                raise ValueError("value may continue past the buffer")
-        except ValueError as e:
-            if eof:
-                raise BadFileError(path, f"invalid JSON at line {line + 1}: {e}") from None
-            if len(buf) - idx > max_record_bytes:
-                raise BadFileError(path, f"array element at line {line + 1} longer than {max_record_bytes} bytes")
-            fill()
-            continue
-        loc = line
-        line += buf.count("\n", idx, end)
-        idx = end
-        expect_value = False
-        if isinstance(obj, dict) and isinstance(obj.get(field), str):
-            yield obj[field], loc, "\ufffd" in obj[field]
-        else:
-            yield from _json_record(json.dumps(obj), False, loc, field, bad)
-
-
-def _load_disk(src: Source):
-    import datasets
-
-    ds = datasets.load_from_disk(src.location)
-    if isinstance(ds, datasets.DatasetDict):
-        if src.split not in ds:
-            raise KeyError(f"split {src.split!r} not in {list(ds)}; choose with #split=NAME")
-        ds = ds[src.split]
-    return ds
-
-
-def _load_hf(src: Source):
-    import datasets
-
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    return datasets.load_dataset(src.location, src.config, split=src.split, streaming=True)
-
-
-def iter_piece(piece: dict, source: Source, max_doc_bytes: int, max_record_bytes: int, stats: PieceStats,
-               bad: Callable[[str, int, str], None], blocks: bool = False
-               ) -> Iterator[tuple[str | bytes | DocBlock, int, bool]]:
-    """Documents of one piece: yields (text or raw bytes, location, flag). For text, flag = cut from a
-    longer line/document; for JSON, flag = UTF-8 repaired. Location: line (0-based, piece-local for
-    byte ranges), Parquet/dataset row, or record number within a dataset shard. With `blocks`, text files
-    also yield (DocBlock, line, False) items (see `read_text_blocks`)."""
-    fmt, path = piece["format"], piece["path"]
-    if fmt in ("text", "jsonl", "json"):
-        try:
-            with open_binary(path, piece.get("compression")) as f:
-                if fmt == "text":
-                    yield from (read_text_blocks if blocks else read_text_range)(
-                        f, piece["start"], piece["end"], source.text_mode, max_doc_bytes, stats)
-                elif fmt == "jsonl":
-                    yield from read_jsonl_range(f, piece["start"], piece["end"], source.field, max_record_bytes,
-                                                stats, bad)
-                else:
-                    yield from read_json_array(f, path, source.field, max_record_bytes, bad)
-        except FileNotFoundError:
-            raise BadFileError(path, "file disappeared after planning") from None
-        except (EOFError, gzip.BadGzipFile, OSError) as e:
-            raise BadFileError(path, f"corrupt or unreadable ({type(e).__name__}: {e})") from None
-        except Exception as e:
-            if type(e).__module__.startswith("zstd") or "Zstd" in type(e).__name__:
-                raise BadFileError(path, f"corrupt zstd stream ({e})") from None
-            raise
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        row = piece["first_row"]
-        try:
-            pf = pq.ParquetFile(path)
-            for batch in pf.iter_batches(batch_size=1024, row_groups=piece["row_groups"], columns=[source.field]):
-                for value in batch.column(0).to_pylist():
-                    if isinstance(value, str):
-                        yield value, row, False
-                    else:
-                        bad("missing_field" if value is None else "field_not_string", row,
-                            f"{source.field!r} is {'null' if value is None else type(value).__name__}")
-                    row += 1
-        except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
-            raise BadFileError(path, f"unreadable Parquet data ({type(e).__name__}: {e})") from None
-    elif fmt == "disk":
-        ds = _load_disk(source).select_columns([source.field])
-        a, b = piece["rows"]
-        for lo in range(a, b, 1024):
-            hi = min(b, lo + 1024)
-            for i, value in enumerate(ds[lo:hi][source.field]):
-                if isinstance(value, str):
-                    yield value, lo + i, False
-                else:
-                    bad("missing_field" if value is None else "field_not_string", lo + i,
-                        f"{source.field!r} is {'null' if value is None else type(value).__name__}")
-    elif fmt == "hf":
-        ds = _load_hf(source)
-        if piece["n_shards"] > 1:
-            ds = ds.shard(num_shards=piece["n_shards"], index=piece["shard"])
-        for i, ex in enumerate(ds):
-            value = ex.get(source.field)
-            if isinstance(value, str):
-                yield value, i, False
-            else:
-                bad("missing_field" if value is None else "field_not_string", i,
-                    f"{source.field!r} is {'missing' if value is None else type(value).__name__}")
-    else:
-        raise ValueError(f"unknown piece format {fmt!r}")
-
-
-def describe_location(piece: dict, loc: int, line_offset: int | None = None) -> str:
-    """'file:line' (1-based) where the absolute line is known, else the byte range and local line."""
-    fmt, path = piece["format"], piece["path"]
-    if fmt in ("text", "jsonl", "json"):
-        if piece.get("start", 0) == 0:
-            return f"{path}:{loc + 1}"
-        if line_offset is not None:
-            return f"{path}:{line_offset + loc + 1}"
-        return f"{path}: line {loc + 1} of the range starting at byte {piece['start']}"
-    if fmt == "hf":
-        return f"hf:{path} shard {piece['shard']} record {loc}"
-    return f"{path} row {loc}"

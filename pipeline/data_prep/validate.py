@@ -5,9 +5,8 @@ import os
 
 import numpy as np
 
+from pipeline import shards as fmt
 from pipeline.data.prepared import DatasetError, PreparedDataset
-
-from . import format as fmt
 
 
 def validate(path: str, full: bool = True) -> list[str]:

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 
 from pipeline.data.prepared import PreparedDataset
-from pipeline.data_prep import sources
+from pipeline.data_prep import readers
 from pipeline.data_prep.cleaning import CleanConfig, clean, decode, split_long
 from pipeline.data_prep.prepare import PrepareConfig, PrepareError, prepare
-from pipeline.data_prep.sources import BadFileError, PlanError, parse_spec, plan_pieces
-from pipeline.data_prep.tokenizer import TextTokenizer, load_tokenizer
+from pipeline.data_prep.readers import BadFileError
+from pipeline.data_prep.sources import PlanError, parse_spec, plan_pieces
+from pipeline.data_prep.tokenizer import _PROBES, Encoder, load_tokenizer
 from pipeline.data_prep.validate import validate
 
 
@@ -179,14 +180,14 @@ def test_bad_records_named_by_file_and_line(bad_run):
 def test_cleaned_texts_reach_the_tokenizer_exactly(bad_corpus, tmp_path, wordpiece_dir, monkeypatch):
     """U+FFFD kept in place of invalid bytes, NUL removed, other control characters made spaces."""
     seen = []
-    real = TextTokenizer.encode_flat
+    real = Encoder.__call__
 
     def spy(self, texts):
-        seen.extend(texts)
+        if list(texts) != list(_PROBES):  # the tokenizer's fingerprint encodes these
+            seen.extend(texts)
         return real(self, texts)
 
-    monkeypatch.setattr(TextTokenizer, "encode_flat", spy)
-    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))  # empty: the real TextTokenizer encodes
+    monkeypatch.setattr(Encoder, "__call__", spy)
     inputs, _ = bad_corpus
     run_prepare(tmp_path / "out", inputs, wordpiece_dir)
     assert seen == EXPECTED_TEXTS
@@ -253,6 +254,19 @@ def _write_parquet(path, **columns) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table(columns), path)
+
+
+def test_invalid_settings_all_reported_at_once(tmp_path, cli):
+    """Settings are checked before any work; every problem is listed, each naming its key (exit 2)."""
+    src = tmp_path / "in.txt"
+    src.write_text("a document\n", encoding="utf-8")
+    proc = cli("--input", src, "--output", tmp_path / "out", "--workers", "0", "--valid-fraction", "1.5",
+               "--unit-mb", "-1", "--no-progress", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "3 problem(s)" in proc.stderr and "Traceback" not in proc.stderr
+    for key in ("workers:", "valid_fraction:", "unit_mb:"):
+        assert key in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_unusable_inputs_all_reported_at_once(tmp_path, wordpiece_dir, cli):
@@ -482,20 +496,20 @@ def test_zstd_truncation_detected(tmp_path):
     for name, (blob, plain, complete) in _zstd_variants().items():
         path = tmp_path / f"{name}.zst"
         path.write_bytes(blob)
-        assert sources._zstd_truncated(str(path)) is None, name
-        with sources.open_binary(str(path), "zst") as f:
+        assert readers._zstd_truncated(str(path)) is None, name
+        with readers.open_binary(str(path), "zst") as f:
             assert f.read() == plain, name
         cuts = set(range(1, min(len(blob), 30))) | {len(blob) - k for k in range(1, min(len(blob), 30))}
         cuts |= {rng.randrange(1, len(blob)) for _ in range(30)}
         for cut in sorted(cuts):
             path.write_bytes(blob[:cut])
-            reason = sources._zstd_truncated(str(path))
+            reason = readers._zstd_truncated(str(path))
             if cut in complete:
                 assert reason is None, (name, cut)
                 continue
             assert reason and "truncated" in reason, (name, cut)
             with pytest.raises(BadFileError, match="corrupt zstd file: truncated"):
-                sources.open_binary(str(path), "zst")
+                readers.open_binary(str(path), "zst")
 
 
 def test_truncated_zstd_json_array_is_a_plan_error(tmp_path):
@@ -591,43 +605,3 @@ def test_split_long_rules():
         assert all(0 < len(p) <= m and not p.isspace() for p in pieces)
         # nothing but whitespace-only pieces is lost, and order is kept
         assert "".join(pieces).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
-
-
-@pytest.mark.parametrize("text", ["plain text", "", " \n\t ", "tab\tand\nnewline\r\n", "nul\x00inside", "bell\x07",
-                                  "del\x7f", "replacement \ufffd char", "x" * 50, "y" * 51, "café 日本語 🙂",
-                                  "\x0b vertical tab", "\u2028 line separator", "\x85 next line"])
-def test_the_fast_path_agrees_with_clean(text):
-    """The workers skip clean() for documents needs_no_cleaning() accepts: those must be exactly the ones clean()
-    returns unchanged with no repair. It may send a few of those to clean() anyway (a lone U+FFFD is kept by
-    clean, below its junk threshold), but never accept one that clean() would change, drop or count."""
-    from pipeline.data_prep.cleaning import needs_no_cleaning
-
-    pieces, reason, repairs = clean(text, CleanConfig(max_doc_chars=50))
-    unchanged = pieces == [text] and reason is None and repairs == []
-    if needs_no_cleaning(text, 50):
-        assert unchanged
-    else:
-        assert not unchanged or "\ufffd" in text
-
-
-def test_the_block_fast_path_agrees_with_the_per_document_one():
-    """ready_texts (a read's documents checked together) gives the texts exactly when ready_text accepts every
-    document, else None; over random mixes of the kinds of text above and invalid UTF-8."""
-    from pipeline.data_prep.cleaning import ready_text, ready_texts
-
-    kinds = ["plain text\n", "", " \n\t ", "tab\tand\nnewline\r\n", "nul\x00inside", "bell\x07", "del\x7f",
-             "replacement \ufffd char", "x" * 50, "y" * 51, "café 日本語 🙂", "\x0b vertical tab", "\u2028 sep",
-             "\x85 next line", "\u3000\n", "é" * 50]
-    rng = random.Random(5)
-    outcomes = set()
-    for _ in range(400):
-        docs = [rng.choice(kinds).encode() for _ in range(rng.randint(1, 6))]
-        if rng.random() < 0.1:
-            docs[rng.randrange(len(docs))] += b"\xff"
-        if rng.random() < 0.5:  # mostly ready documents, as in real text
-            docs = [rng.choice(["plain text\n", "café 日本語 🙂", "é" * 50]).encode() for _ in docs]
-        one_by_one = [ready_text(d, 50) for d in docs]
-        got = ready_texts(docs, 50)
-        assert got == (one_by_one if None not in one_by_one else None), docs
-        outcomes.add(got is None)
-    assert outcomes == {True, False}

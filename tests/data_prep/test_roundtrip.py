@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.prepared import DatasetError, PreparedDataset
-from pipeline.data_prep import format as fmt
+from pipeline import shards as fmt
 from pipeline.data_prep.prepare import PrepareConfig, prepare
 from pipeline.data_prep.tokenizer import load_tokenizer, token_dtype
 from tests.conftest import write_text_docs

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from pipeline.data.prepared import DatasetError, PreparedDataset
-from pipeline.data_prep import format as fmt
+from pipeline import shards as fmt
 from pipeline.data_prep.prepare import PrepareConfig, PrepareError, array_task_from_env, prepare
 from pipeline.data_prep.validate import validate
 from tests.conftest import ROOT, run_cli, write_text_docs

@@ -18,10 +18,10 @@ import re
 import pytest
 
 from pipeline.data.prepared import PreparedDataset
-from pipeline.data_prep import sources
+from pipeline.data_prep import readers
 from pipeline.data_prep.prepare import PrepareConfig, make_plan, prepare
-from pipeline.data_prep.sources import (DocBlock, PieceStats, PlanError, Source, auto_unit_bytes, group_units,
-                                        parse_spec, plan_pieces, read_jsonl_range, read_text_blocks, read_text_range)
+from pipeline.data_prep.readers import PieceStats, read_jsonl_range, read_text_range
+from pipeline.data_prep.sources import PlanError, Source, auto_unit_bytes, group_units, parse_spec, plan_pieces
 from pipeline.data_prep.tokenizer import load_tokenizer
 
 MiB = 1 << 20
@@ -236,7 +236,7 @@ def test_compressed_text_and_jsonl(tmp_path, tok, wordpiece_dir, paragraphs, sen
 
 @pytest.mark.parametrize("how", ["option", "spec"])
 def test_jsonl_custom_field(tmp_path, tok, wordpiece_dir, sentences, monkeypatch, how):
-    monkeypatch.setattr(sources, "CHUNK", 64)  # lines longer than a read chunk
+    monkeypatch.setattr(readers, "CHUNK", 64)  # lines longer than a read chunk
     docs = sentences[:50]
     with open(tmp_path / "d.jsonl", "w") as f:
         for i, d in enumerate(docs):
@@ -253,7 +253,7 @@ def test_jsonl_custom_field(tmp_path, tok, wordpiece_dir, sentences, monkeypatch
 
 
 def test_json_array(tmp_path, tok, wordpiece_dir, paragraphs, monkeypatch):
-    monkeypatch.setattr(sources, "CHUNK", 100)  # the incremental parser refills its buffer many times
+    monkeypatch.setattr(readers, "CHUNK", 100)  # the incremental parser refills its buffer many times
     docs = paragraphs[:30]
     (tmp_path / "a.json").write_text(json.dumps([{"text": d, "n": i} for i, d in enumerate(docs)], indent=2))
     (tmp_path / "b.json").write_text("  \n" + json.dumps([{"text": d} for d in docs[:3]]))  # leading whitespace
@@ -530,7 +530,7 @@ def _text_oracle(data: bytes, mode: str, chunk: int) -> list[tuple[bytes, int]]:
 
 @pytest.mark.parametrize("mode", ["paragraphs", "lines"])
 def test_read_text_range_equals_sequential_read(monkeypatch, mode):
-    monkeypatch.setattr(sources, "CHUNK", 7)
+    monkeypatch.setattr(readers, "CHUNK", 7)
     rng = random.Random(1234 if mode == "paragraphs" else 4321)
     for case in range(400):
         data = _random_text(rng)
@@ -554,101 +554,6 @@ def test_read_text_range_equals_sequential_read(monkeypatch, mode):
         got, lines = _read_ranges(data, cuts, read)
         assert got == seq, (case, data, cuts, max_doc)
         assert lines == _n_lines(data), (case, data, cuts)
-
-
-def _line_by_line_read_text_range(f, start, end, mode, max_doc_bytes, stats):
-    """read_text_range as it was before it handled whole reads at once (one readline(CHUNK) per line): the
-    reference that the block reader must match exactly, cut pieces and their flags included."""
-    chunk_size = sources.CHUNK
-    pos = sources._seek_line_start(f, start, end)
-    if pos is None:
-        return
-
-    def lines(pos):
-        line_start, first = pos, True
-        while True:
-            chunk = f.readline(chunk_size)
-            if not chunk:
-                return
-            complete = chunk.endswith(b"\n")
-            yield line_start, chunk, first, complete
-            pos += len(chunk)
-            if complete:
-                line_start = pos
-            first = complete
-
-    skipping = mode == "paragraphs" and start > 0
-    buf, doc_line, doc_cut, line_idx, in_range = bytearray(), 0, False, -1, True
-    for line_start, chunk, first, complete in lines(pos):
-        if first:
-            line_idx += 1
-            in_range = end is None or line_start < end
-            if in_range:
-                stats.lines += 1
-            elif mode == "lines":
-                break
-        if mode == "paragraphs":
-            blank = first and complete and chunk.isspace()
-            if skipping:
-                if first and not in_range:
-                    break
-                if blank:
-                    skipping = False
-                continue
-            if blank:
-                if buf:
-                    yield bytes(buf), doc_line, False
-                    buf.clear()
-                if not in_range:
-                    break
-                continue
-        if not buf:
-            doc_line, doc_cut = line_idx, False
-        buf += chunk
-        while len(buf) > max_doc_bytes:
-            cut = sources._cut(buf, max_doc_bytes)
-            yield bytes(buf[:cut]), doc_line, not doc_cut
-            doc_cut = True
-            del buf[:cut]
-        if mode == "lines" and complete and buf:
-            yield bytes(buf), doc_line, False
-            buf.clear()
-    if buf:
-        yield bytes(buf), doc_line, False
-
-
-@pytest.mark.parametrize("mode", ["paragraphs", "lines"])
-@pytest.mark.parametrize("chunk", [1, 2, 7, 64, 4096])
-def test_read_text_range_equals_line_by_line_reader(monkeypatch, mode, chunk):
-    """Every range of random text, read by read_text_range, gives exactly what the line-by-line reader gives:
-    the same documents, lines, cut pieces and flags, and line counts (the other tests check the rules; this
-    one checks that reading many lines at a time changed nothing, including where a read ends)."""
-    monkeypatch.setattr(sources, "CHUNK", chunk)
-    rng = random.Random(chunk * 10 + len(mode))
-    blocks = 0
-    for case in range(300):
-        data = _random_text(rng)
-        if rng.random() < 0.2:  # long documents and lines
-            data = data * rng.randint(2, 6)
-        max_doc = rng.choice([1 << 20, rng.randint(1, 12), rng.randint(4, 80)])
-        size = len(data)
-        bounds = sorted({0, *rng.sample(range(size + 1), min(size + 1, rng.randint(0, 6)))})
-        for i, start in enumerate(bounds):
-            end = bounds[i + 1] if i + 1 < len(bounds) else None
-            if start == size and end is None and size:
-                continue
-            got_stats, ref_stats = PieceStats(), PieceStats()
-            got = list(read_text_range(io.BytesIO(data), start, end, mode, max_doc, got_stats))
-            ref = list(_line_by_line_read_text_range(io.BytesIO(data), start, end, mode, max_doc, ref_stats))
-            assert got == ref, (case, data, start, end, max_doc)
-            assert got_stats.lines == ref_stats.lines, (case, data, start, end)
-            # the blocks' own first-document line agrees with the documents they expand to
-            items = list(read_text_blocks(io.BytesIO(data), start, end, mode, max_doc, PieceStats()))
-            for payload, line, _ in items:
-                if isinstance(payload, DocBlock):
-                    blocks += 1
-                    assert payload.docs and line == payload.line_of(0)
-    assert blocks > 50 or chunk < 7  # the block path was really taken, not only the one-document fallbacks
 
 
 def _random_jsonl(rng: random.Random) -> bytes:
@@ -705,7 +610,7 @@ def _jsonl_oracle(data: bytes, field: str = "text"):
 
 
 def test_read_jsonl_range_equals_sequential_read(monkeypatch):
-    monkeypatch.setattr(sources, "CHUNK", 7)
+    monkeypatch.setattr(readers, "CHUNK", 7)
     rng = random.Random(99)
     for case in range(400):
         data = _random_jsonl(rng)
@@ -740,7 +645,7 @@ def test_read_jsonl_range_equals_sequential_read(monkeypatch):
 
 def test_read_text_range_on_a_real_file_with_default_chunk(tmp_path, paragraphs):
     """The same property with the real CHUNK, a real buffered file and a document longer than CHUNK."""
-    big = ("word " * (sources.CHUNK // 5 + 1000)).strip()
+    big = ("word " * (readers.CHUNK // 5 + 1000)).strip()
     docs = paragraphs[:50] + [big] + paragraphs[50:80]
     path = tmp_path / "p.txt"
     write_paragraphs(path, docs, newline="\r\n")
@@ -753,7 +658,7 @@ def test_read_text_range_on_a_real_file_with_default_chunk(tmp_path, paragraphs)
         for i, start in enumerate(bounds):
             end = bounds[i + 1] if i + 1 < len(bounds) else None
             st = PieceStats()
-            with sources.open_binary(str(path), None) as f:
+            with readers.open_binary(str(path), None) as f:
                 got += [(d, lines + l) for d, l, _ in read_text_range(f, start, end, "paragraphs", 1 << 30, st)]
             lines += st.lines
         return got, lines
