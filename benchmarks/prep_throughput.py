@@ -400,7 +400,7 @@ def run_datasets(txt, jsonl, tok_dir, workers, tmp_root, log_dir) -> dict:
 
 def machine() -> dict:
     sys.path.insert(0, ROOT)
-    from pipeline.benchmark.machine import cpu_model
+    from benchmarks.machine import cpu_model
 
     cpu = cpu_model()
     try:
