@@ -289,9 +289,9 @@ class Trainer:
         """Steps until train.stop_at_step or the end, then `finish`; a stop request (SIGUSR1, SIGTERM) checkpoints
         and leaves the loop at a step boundary, on all ranks together."""
         self.stop_at = min(self.total_steps, self.cfg.train.stop_at_step or self.total_steps)
+        self.log_start()
         self.open_outputs()
         try:
-            self.log_start()
             stop_requested = False
             while self.step < self.stop_at and not stop_requested:
                 stop_requested = self.train_step()
