@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-r"""Does distillation help? One command for the whole experiment (issue 6), small scale, on CPU.
+r"""Does distillation help? One command for the whole experiment, small scale, on CPU.
 
-    python benchmarks/distill_proof.py                       # everything: 27 min on 2 shared CPU cores
+    python benchmarks/distill_proof.py                       # everything, from the data to the fine-tuning
     python benchmarks/distill_proof.py --teacher runs/distill_proof/teacher/student   # reuse a teacher
     python benchmarks/distill_proof.py --reuse               # skip every stage whose output is already there
     python benchmarks/distill_proof.py --student-steps 20 --teacher-steps 20 --out /tmp/dp   # a smoke run
-    python benchmarks/distill_proof.py --finetune-seeds 0,1,2 --extra-baseline-steps 300   # docs/distill_proof.md
+    python benchmarks/distill_proof.py --finetune-seeds 0,1,2 --extra-baseline-steps 300   # the published figures
 
 Stages (each a subprocess running the pipeline's own command line; logs in <out>/logs/):
 
@@ -226,9 +226,8 @@ def student_overrides(name: str, teacher_cfg: dict) -> list[str]:
     if name == "mlm_teacher_init":
         return ["student.init=teacher", "loss.kd=0", "loss.cos=0"]
     if name == "mlm_random":
-        # The teacher's sizes, given explicitly: the same architecture as the teacher-initialised students
-        # whatever the trainer infers (before commit 0ec3839 it could not take them from the teacher here, with
-        # loss.kd=0 loss.cos=0; docs/distill_proof.md, "Problems found").
+        # The teacher's sizes, given explicitly: the baseline must have the teacher-initialised students'
+        # architecture exactly, not whatever defaults the trainer would fill in.
         return ["student.init=random", "loss.kd=0", "loss.cos=0",
                 f"student.hidden_size={teacher_cfg['hidden_size']}",
                 f"student.n_heads={teacher_cfg['num_attention_heads']}",
@@ -530,7 +529,7 @@ def stage_finetune(r: Runner, classify_dir: str, paths: dict[str, str]) -> dict[
 
 def machine() -> dict:
     sys.path.insert(0, ROOT)
-    from pipeline.benchmark.machine import cpu_model
+    from benchmarks.machine import cpu_model
 
     cpu = cpu_model()
     import torch

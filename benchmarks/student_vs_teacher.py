@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from pipeline.benchmark.machine import cpu_model
+    from benchmarks.machine import cpu_model
 
     hf_logging.set_verbosity_error()  # the pooler that BertModel adds to an MLM checkpoint is expected
     hf_logging.disable_progress_bar()

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Distillation step speed: our step against the reference recipe's step, on this machine, in one run.
 
-    python launch/benchmark.py                                   # CPU, small models (about 5 minutes on 2 cores)
+    python launch/benchmark.py                                   # CPU, small models
     python launch/benchmark.py --device cuda --preset bert-base  # one GPU: BERT-base teacher, 6 x 768 student, bf16
 
 For each sequence length (default 128 and 512) it alternates the two steps for --rounds rounds, each in a fresh
 process, and prints real tokens/s, step time, MFU (GPU) and peak memory of each, and the ratio ours / reference
 (medians). Then the peak memory of the KD + MLM loss alone, plain (full logits) against chunked, at the same rows.
-What each step does: pipeline/benchmark/step_speed.py. Results: --output (default
+What each step does: benchmarks/step_speed.py. Results: --output (default
 benchmarks/results/step_speed_<device>_<preset>.json).
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ def default_data() -> str | None:
 
 
 def main(argv=None) -> int:
-    from pipeline.benchmark.machine import cpu_model
-    from pipeline.benchmark.step_speed import PRESETS, Job, in_subprocess, median_by
+    from benchmarks.machine import cpu_model
+    from benchmarks.step_speed import PRESETS, Job, in_subprocess, median_by
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

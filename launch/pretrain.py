@@ -34,6 +34,14 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
+    from pipeline.logs import call_as_rank, enable_crash_traces, launcher_rank, setup_logging
+
+    enable_crash_traces()
+    setup_logging("pretrain")
+    return call_as_rank(launcher_rank(), _main, argv)
+
+
+def _main(argv) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     from pipeline.training.config import ConfigError, describe_fields, load_config
 

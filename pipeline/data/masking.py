@@ -5,7 +5,7 @@ whichever rank or worker reads it and whatever the world size (resume at another
 exact stream), and differently each time the stream comes back to it in a later epoch (dynamic masking,
 as in RoBERTa and DistilBERT), without any RNG state to checkpoint.
 
-Selection follows the DistilBERT recipe (reference.md): 15% of the maskable tokens of each sequence, 80% of
+Selection follows the DistilBERT recipe (Sanh et al. 2019, after BERT): 15% of the maskable tokens of each sequence, 80% of
 them replaced by [MASK], 10% by a random non-special id, 10% kept; optionally weighted by count**-0.7 so
 that rare ids are masked more often, and optionally by whole words.
 """

@@ -69,11 +69,7 @@ class PreparedDataset:
         self._max_open = max_open
         if tokenizer is not None:
             self.check_tokenizer(tokenizer)
-        if verify != "none":
-            problems = self.verify(full=verify == "full")
-            if problems:
-                raise DatasetError(f"{path} ({split}) failed verification: " + "; ".join(problems[:10])
-                                   + f". To repair, {_rebuild_hint(path)}")
+        self.check(verify)
 
     # -- checks -----------------------------------------------------------------------------------------------
     def check_tokenizer(self, tokenizer) -> None:
@@ -98,6 +94,16 @@ class PreparedDataset:
                 f"{mine[:12]}, vocab {self.vocab_size}), which differs from {name!r} (fingerprint {fingerprint[:12]}): "
                 f"token ids would mean different words. Prepare the data with the model's tokenizer "
                 f"(--tokenizer), or use the tokenizer the data was made with.")
+
+    def check(self, verify: str = "size") -> None:
+        """Raise DatasetError naming what `verify` finds wrong: "size" (sizes and index bounds), "full" (also every
+        sha256) or "none" (nothing)."""
+        if verify == "none":
+            return
+        problems = self.verify(full=verify == "full")
+        if problems:
+            raise DatasetError(f"{self.path} ({self.split}) failed verification: " + "; ".join(problems[:10])
+                               + f". To repair, {_rebuild_hint(self.path)}")
 
     def verify(self, full: bool = True) -> list[str]:
         """Problems found: file sizes, index bounds and order, and (full) sha256 of every file."""

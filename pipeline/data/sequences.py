@@ -8,7 +8,7 @@ Two ways to cut, both free of per-sample Python work at build time:
 
 - "packed" (default): the split is read as one stream `doc0 [SEP] doc1 [SEP] ...` and sample i is `[CLS]` and
   the stream's tokens `i*(L-1) .. (i+1)*(L-1)`. No padding anywhere, so no attention mask is needed and SDPA
-  can use its flash kernel (see reference.md); documents share a sequence, as in RoBERTa's FULL-SENTENCES.
+  can use its flash kernel (which takes no mask); documents share a sequence, as in RoBERTa's FULL-SENTENCES.
   The only index is the cumulative length of the documents (one int64 per document).
 - "document": every sample stays inside one document: `[CLS] chunk [SEP] [PAD]...` with chunks of at most
   L-2 tokens; a document's last chunk is padded. One int64 start and one int32 length per sample.

@@ -59,8 +59,8 @@ def _fused_chunk(s: Tensor, t: Tensor, lab: Tensor, T: float, kd_scale: Tensor, 
                  out_dtype: torch.dtype):
     """The trainer's hot path for one chunk (labels given, fused weights, gradients wanted), written without
     in-place ops for torch.compile: it fuses these row reductions and element-wise passes over the [c, V]
-    logits into a few kernels, where eager runs each op as one pass through memory (measured: the eager softmax
-    math was about 45% of an H100 step). Same definitions as the eager loop below.
+    logits into a few kernels, where eager runs each op as one pass through memory, and on a GPU those passes over
+    [c, V] are a large share of the whole step. Same definitions as the eager loop below.
 
     s, t: student and teacher logits [c, V] (model dtype); lab: labels [c]; kd_scale: (T / rows) x kd_weight and
     mlm_w: mlm_weight / labelled rows (0-d tensors). Returns (gradient w.r.t. s in out_dtype, its column sums in

@@ -213,8 +213,8 @@ def _kernel_for(device: torch.device, dtype: torch.dtype, dropout: float, head_d
 def plan(device: torch.device, dtype: torch.dtype, dropout: float, head_dim: int) -> str:
     """How a model's document batches should run: KERNEL or DROPOUT_KERNEL (CUDA, bf16/fp16, kernel checked),
     EXACT (the per-document path, on CPU), or PADDED: on a GPU without a working kernel, document-by-document
-    SDPA is slower than the padded batch (a launch per document and layer, measured 4x slower on an H100), so
-    the model is not unpadded there."""
+    SDPA is slower than the padded batch (one kernel launch per document and layer instead of one per layer),
+    so the model is not unpadded there."""
     return _kernel_for(device, dtype, dropout, head_dim) or (PADDED if device.type == "cuda" else EXACT)
 
 

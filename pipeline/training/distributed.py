@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import datetime
 import glob
+import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,10 +51,11 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     if accel.device_name() == "cpu" and os.environ.get("LOCAL_RANK", "0") == "0":
         lock = stale_build_lock()
         if lock:
-            print(f"[pretrain] warning: {lock} is {(time.time() - os.path.getmtime(lock)) / 60:.0f} minutes old. A "
-                  f"DeepSpeed op build that died leaves this lock behind, and every later build (the CPU all-reduce "
-                  f"op is built at start-up) waits for it forever. If no build is running, delete it: rm {lock}",
-                  file=sys.stderr, flush=True)
+            # every node's local rank 0 says it: each node has its own build folder
+            log.warning(f"warning: {lock} is {(time.time() - os.path.getmtime(lock)) / 60:.0f} minutes old. A "
+                        f"DeepSpeed op build that died leaves this lock behind, and every later build (the CPU "
+                        f"all-reduce op is built at start-up) waits for it forever. If no build is running, delete "
+                        f"it: rm {lock}", extra={"all_ranks": True})
     timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("DISTIL_DIST_TIMEOUT_S", 1800)))
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Dense (no 2:4 sparsity) peak throughput per accelerator, FLOP/s. Datasheet numbers: real ceilings are lower,
-# e.g. an H100 SXM measured ~790e12 on a large bf16 matmul here (H100_MEASURED_BF16).
+# Dense (no 2:4 sparsity) peak throughput per accelerator, FLOP/s. Datasheet numbers: real ceilings are lower
+# (H100_MEASURED_BF16), so an MFU near 1 is not reachable and 0.8 of it is already the hardware's limit.
 PEAK_FLOPS = {
     "H100-bf16": 989e12,   # H100 SXM5, dense bf16/fp16 tensor cores
     "H100-tf32": 494.5e12,

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.benchmark.step_speed import Job, doc_lengths, loss_memory, make_batches
+from benchmarks.step_speed import Job, doc_lengths, loss_memory, make_batches
 from tests.training.conftest import ROOT
 
 

@@ -350,8 +350,8 @@ def _rss_bytes() -> int:
 
 def in_subprocess(kind: str, payload: dict, timeout: float = 3600) -> dict:
     """Run one measurement in a fresh interpreter (its own peak memory, no allocator state from another)."""
-    cmd = [sys.executable, "-m", "pipeline.benchmark.step_speed", kind, json.dumps(payload)]
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, "-m", "benchmarks.step_speed", kind, json.dumps(payload)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -365,6 +365,8 @@ def median_by(results: list[dict], key: str) -> float:
 
 
 if __name__ == "__main__":  # the worker side of in_subprocess
+    import faulthandler
+    faulthandler.enable()  # a crash in native code shows where in the stderr that in_subprocess reports
     kind, payload = sys.argv[1], json.loads(sys.argv[2])
     result = run_job(Job(**payload)) if kind == "step" else loss_memory(**payload)
     print("RESULT " + json.dumps(result), flush=True)
