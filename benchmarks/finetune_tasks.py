@@ -207,7 +207,7 @@ def machine() -> dict:
     import torch
     import transformers
 
-    from pipeline.benchmark.machine import cpu_model
+    from benchmarks.machine import cpu_model
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
