@@ -33,6 +33,15 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def report_error(e: BaseException, dist) -> None:
+    """One line on stderr, no traceback. An error every rank raised alike (`shared`: agreed through a collective)
+    is printed by rank 0 alone; any other by each rank that has it, naming the rank, since only that rank knows."""
+    if dist is None or dist.world_size == 1 or dist.is_main:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    elif not getattr(e, "shared", False):
+        print(f"error (rank {dist.rank}): {e}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     from pipeline.training.config import ConfigError, describe_fields, load_config
@@ -53,6 +62,7 @@ def main(argv=None) -> int:
     from pipeline.models import ModelLoadError
     from pipeline.training import distributed
     from pipeline.training.ds_config import DS_CONFIG_DIR, load_ds_config
+    from pipeline.training.checkpoint import CheckpointDamaged, CheckpointError
     from pipeline.training.trainer import run
 
     dist = None
@@ -63,10 +73,12 @@ def main(argv=None) -> int:
                                                         else "zero2_fp32.json")
         run(cfg, load_ds_config(ds_path), dist, resume=args.resume, ds_source=ds_path, command=sys.argv)
         return 0
-    except (ConfigError, DatasetError, TokenizerLoadError, ModelLoadError, FileNotFoundError) as e:
-        if dist is None or dist.is_main:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    except (ConfigError, DatasetError, TokenizerLoadError, ModelLoadError, FileNotFoundError, CheckpointDamaged) as e:
+        report_error(e, dist)
         return 2
+    except CheckpointError as e:  # a failed save: the path and the OS error, on one line; the previous one stays
+        report_error(e, dist)
+        return 1
     except Exception as e:  # name the rank and the cause; the launcher then stops the other ranks
         from pipeline.training.faults import report_rank_failure
         report_rank_failure(dist.rank if dist else int(os.environ.get("RANK", 0)), e)

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.training import checkpoint as ckpt_lib
 from pipeline.training.config import ConfigError, RunConfig, plan_batch
-from pipeline.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from pipeline.training.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier
 from pipeline.training.ds_config import finalize_ds_config, offloads_optimizer, precision, zero_stage
 from pipeline.training.evaluate import evaluate
 from pipeline.training.flops import model_shape, peak_flops_for, step_flops
@@ -23,6 +23,7 @@ from pipeline.training.faults import NonFiniteLoss, StopFlags, inject_nan, reque
 from pipeline.training.metrics import MetricWriter
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.step import Counters, forward_losses, uses_chunked_loss
+from pipeline.training.watchdog import StallWatchdog
 
 
 class Log:
@@ -48,18 +49,17 @@ def _tokenizer_path(cfg: RunConfig, data_tokenizer: str) -> str:
 
 
 def build_data(cfg: RunConfig, dist: DistInfo, tokenizer, plan, log):
-    from pipeline.data import PreparedDataset
     from pipeline.data.loader import EvalBatches
     from pipeline.data.masking import Masker, word_starts
     from pipeline.data.sequences import SequenceDataset
 
-    # Rank 0 checks every checksum once; the others only sizes (a shared file system would read the data W times).
-    verify = cfg.data.verify if dist.is_main else "size"
-    if dist.is_main:
-        train = PreparedDataset(cfg.data.path, cfg.data.train_split, tokenizer=tokenizer, verify=verify)
-    barrier()
-    if not dist.is_main:
-        train = PreparedDataset(cfg.data.path, cfg.data.train_split, verify="size")
+    # Both splits before any compute. Rank 0 checks every checksum once; the others only sizes (a shared file system
+    # would read the data W times); all ranks stop together, naming the file whichever rank found it.
+    from pipeline.data.verify import open_splits
+    wanted = [cfg.data.train_split] + ([cfg.data.valid_split] if cfg.eval.n_samples > 0 else [])
+    splits = open_splits(cfg.data.path, wanted, optional=(cfg.data.valid_split,), tokenizer=tokenizer,
+                         verify=cfg.data.verify if dist.is_main else "size", gather=all_gather_object)
+    train = splits[cfg.data.train_split]
     special = train.special_ids
     missing = [k for k in ("cls", "sep", "mask", "pad") if special.get(k) is None]
     if missing:
@@ -75,8 +75,8 @@ def build_data(cfg: RunConfig, dist: DistInfo, tokenizer, plan, log):
                     token_counts=train.token_counts() if m.smoothing else None,
                     smoothing_exponent=m.smoothing_exponent, seed=cfg.train.seed)
     eval_batches = None
-    if cfg.eval.n_samples > 0 and cfg.data.valid_split in train.manifest["shards"]:
-        valid = PreparedDataset(cfg.data.path, cfg.data.valid_split, verify="size")
+    if cfg.data.valid_split in splits:
+        valid = splits[cfg.data.valid_split]
         try:
             vseqs = SequenceDataset(valid, cfg.data.seq_len, cfg.data.mode, cls_id=special["cls"],
                                     sep_id=special["sep"], pad_id=special["pad"])
@@ -124,7 +124,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
     run_dir = os.path.abspath(cfg.run_dir)
 
     # Resume point first: a world-size change needs DeepSpeed's universal loader, chosen before initialize.
-    resume_from = broadcast_object(ckpt_lib.find_resume(run_dir, resume) if dist.is_main else None)
+    resume_from = ckpt_lib.choose_resume(run_dir, resume, dist.is_main, log)  # verified; damaged ones skipped
     universal = False
     if resume_from:
         prev = ckpt_lib.read_state(resume_from)
@@ -273,6 +273,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
     t_last, data_wait = time.time(), 0.0
     last_eval = {}
     last_saved = step if resume_from else -1
+    watchdog = StallWatchdog(cfg.train.stall_timeout_s, dist.rank, run_dir).start(step)
     try:
         while step < stop_at:
             skipped_before = engine.skipped_steps
@@ -294,6 +295,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                 engine.step()
                 counters.add(terms, stats)
             step += 1
+            watchdog.beat(step)
             stop_now, bad = stop_flags.agree(dist.device, nonfinite)
             if bad:
                 skipped = engine.skipped_steps > skipped_before
@@ -358,6 +360,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step != stop_at:
                 save(step)
                 last_saved = step
+            watchdog.beat()  # evaluation and checkpoint done
             if step < stop_at and stop_now:
                 log(f"stop requested ({stop_flags.received or 'signal on another rank'}) at step {step}: "
                     f"checkpointing and exiting")
@@ -381,6 +384,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
             log(f"student exported to {final} (AutoModelForMaskedLM.from_pretrained loads it)")
         barrier()
     finally:
+        watchdog.stop()
         stop_flags.restore()
         if bar is not None:
             bar.close()
