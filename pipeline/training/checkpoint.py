@@ -142,7 +142,7 @@ def _probe_write(folder: str) -> OSError | None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        return e
+        return OSError(e.errno, e.strerror, folder)
     finally:
         try:
             os.unlink(probe)
@@ -154,10 +154,11 @@ def _probe_write(folder: str) -> OSError | None:
 class _HashingSaver:
     """Stands in for DeepSpeed's TorchCheckpointEngine.save during our save: writes through `save_hashed` and records
     digests and the first failure instead of raising, so this rank still joins DeepSpeed's barriers after a failed
-    write (raising there would leave the other ranks waiting in a collective) and the ranks decide together."""
+    write (raising there would leave the other ranks waiting in a collective) and the ranks decide together. The
+    engine's copy of its recovery script (rank 0, between two collectives) is guarded the same way."""
 
-    def __init__(self, engine):
-        self.engine, self.digests, self.error = engine, {}, None
+    def __init__(self, engine, ds_engine=None):
+        self.engine, self.ds_engine, self.digests, self.error = engine, ds_engine, {}, None
 
     def __call__(self, state_dict, path: str):
         if self.error is not None:
@@ -170,12 +171,26 @@ class _HashingSaver:
         except (OSError, RuntimeError) as e:
             self.error = e
 
+    def _guarded(self, fn):
+        def call(*args, **kwargs):
+            if self.error is not None:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:
+                self.error = e
+        return call
+
     def __enter__(self):
         self.engine.save = self
+        if hasattr(self.ds_engine, "_copy_recovery_script"):
+            self.ds_engine._copy_recovery_script = self._guarded(self.ds_engine._copy_recovery_script)
         return self
 
     def __exit__(self, *exc):
         del self.engine.save  # the class's method again
+        if "_copy_recovery_script" in vars(self.ds_engine or object()):
+            del self.ds_engine._copy_recovery_script
         return False
 
 
@@ -184,7 +199,7 @@ def _hashing_saver(engine):
     e.g. an asynchronous one, writes its own way: its files are hashed after the write)."""
     ce = getattr(engine, "checkpoint_engine", None)
     if ce is not None and type(ce).__name__ == "TorchCheckpointEngine":
-        return _HashingSaver(ce)
+        return _HashingSaver(ce, engine)
     return None
 
 
@@ -337,6 +352,9 @@ def _save(engine, run_dir, *, step, trainer_state, rank, student_init, export_hf
         except OSError as e:
             error = e
     _agree_or_raise(error, step, rank, root, path)
+    # A read-only or full file system is found here, by every rank (node-local storage differs per node), before
+    # DeepSpeed's save starts its collectives.
+    _agree_or_raise(_probe_write(root), step, rank, root, path)
     t0 = time.time()
     from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
@@ -411,7 +429,7 @@ def _agree_or_raise(error, step: int, rank: int, root: str, path: str) -> None:
     if not failures:
         return
     removed = ""
-    if rank == 0:
+    if rank == 0 and os.path.exists(path):
         shutil.rmtree(path, ignore_errors=True)
         removed = f"; the partial {path} was removed" if not os.path.exists(path) else f"; could not remove {path}"
     done = complete_checkpoints(root)

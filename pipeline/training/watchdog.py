@@ -58,6 +58,7 @@ class StallWatchdog:
         if self.dir:
             os.makedirs(self.dir, exist_ok=True)
         self.beat(step)
+        self._write_heartbeat(0.0)
         self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -115,8 +116,8 @@ class StallWatchdog:
                 continue
             age = now - hb.get("time", 0)
             if age > 2 * self.poll_s + 1:
-                found.append(f"rank {hb['rank']} on {hb['host']} (pid {hb['pid']}) silent for {age:.0f} s after "
-                             f"step {hb['step']}: stopped, hung or dead")
+                found.append(f"rank {hb['rank']} on {hb['host']} (pid {hb['pid']}) silent for {age:.0f} s (its last "
+                             f"heartbeat: step {hb['step']}): stopped, hung or dead")
         return found
 
     def _fire(self, idle: float) -> None:
