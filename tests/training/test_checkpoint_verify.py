@@ -156,6 +156,7 @@ def test_damaged_newest_checkpoint_refused_by_name_and_skipped_by_auto(tmp_path,
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # two jobs; the unit tests above cover the same file systems without a job
 def test_save_on_full_then_read_only_disk_keeps_the_previous_checkpoint(tmp_path, tiny_teacher, sample_data):
     """A checkpoint of this job is ~41 MB: the 60 MB file system holds the one of step 2, not the one of step 4."""
     run = tmp_path / "run"
