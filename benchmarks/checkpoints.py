@@ -2,16 +2,17 @@
 """What verified checkpoints cost: write, verify and resume time against checkpoint size, and the stall bound.
 
 Part 1 (one process, a real DeepSpeed ZeRO-2 engine on CPU, fp32 AdamW after one step) for each student size:
-  - write: our `checkpoint.save` (every file hashed while torch.save writes it, manifest, no HF export) against
+  - write: our `checkpoint.save` (every file checksummed while torch.save writes it, manifest, no HF export; with
+    each checksum of --hashes) against
     DeepSpeed's own `save_checkpoint` of the same engine in the same run (the baseline), interleaved, best of
     --repeats; seconds, seconds per GB, ratio ours / DeepSpeed's;
-  - verify: `checkpoint.verify` (size + sha256 of every file) with the files in the page cache (just written) and
+  - verify: `checkpoint.verify` (size + checksum of every file) with the files in the page cache (just written) and
     evicted from it (posix_fadvise DONTNEED on each file: a cold read, as after a restart on another node);
   - resume: choosing the checkpoint (`find_resume`: verification included) plus `checkpoint.load` into the engine.
 Part 2 (--stall, needs --teacher and --data): a 2-rank `deepspeed` job with train.stall_timeout_s=T; one rank is
 stopped with SIGSTOP after a few steps and the time to the end of the job is measured.
 
-    python benchmarks/checkpoints.py --hidden 256 768 [--repeats 3] [--out benchmarks/results/checkpoints.json]
+    python benchmarks/checkpoints.py --hidden 256 768 [--repeats 3] [--hashes xxh3_128 sha256] [--out FILE.json]
     python benchmarks/checkpoints.py --hidden --stall --teacher T --data D --stall-timeout 10
 """
 from __future__ import annotations
@@ -66,10 +67,22 @@ def _evict(path: str) -> None:
                 os.close(fd)
 
 
-def measure_io(hidden: int, layers: int, repeats: int, workdir: str) -> dict:
+def measure_io(hidden: int, layers: int, repeats: int, workdir: str, hashes: list[str]) -> list[dict]:
     from pipeline.training import checkpoint as ckpt
 
     engine, student = _engine(hidden, layers)
+    rows = []
+    default = ckpt.HASH
+    try:
+        for name in hashes:
+            ckpt.HASH = name
+            rows.append({"hash": name, **_measure_engine(ckpt, engine, student, hidden, layers, repeats, workdir)})
+    finally:
+        ckpt.HASH = default
+    return rows
+
+
+def _measure_engine(ckpt, engine, student, hidden, layers, repeats, workdir) -> dict:
     run_dir = os.path.join(workdir, f"h{hidden}")
     init = os.path.join(run_dir, "student_init")
     student.hf.config.save_pretrained(init)
@@ -149,6 +162,7 @@ def main() -> int:
     p.add_argument("--hidden", type=int, nargs="*", default=[256, 768], help="student hidden sizes (6 layers)")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hashes", nargs="+", default=["xxh3_128", "sha256"], help="checksums to compare")
     p.add_argument("--stall", action="store_true")
     p.add_argument("--stall-timeout", type=float, default=10.0)
     p.add_argument("--teacher")
@@ -164,9 +178,9 @@ def main() -> int:
         from pipeline.training.distributed import init_distributed
         init_distributed()
         for h in a.hidden:
-            row = measure_io(h, a.layers, a.repeats, workdir)
-            results["io"].append(row)
-            print(json.dumps(row), flush=True)
+            for row in measure_io(h, a.layers, a.repeats, workdir, a.hashes):
+                results["io"].append(row)
+                print(json.dumps(row), flush=True)
     if a.stall:
         results["stall"] = measure_stall(a.teacher, a.data, a.stall_timeout, workdir)
         print(json.dumps(results["stall"]), flush=True)

@@ -1,5 +1,5 @@
 """Checkpoints: DeepSpeed state on every rank, our trainer state and per-rank RNG, an exported student, and a
-completion marker written last that lists every file with its size and sha256, so a crash mid-save never leaves
+completion marker written last that lists every file with its size and checksum, so a crash mid-save never leaves
 something `--resume auto` would take, and a file damaged later is found before anything is loaded from it.
 
     <run_dir>/checkpoints/step00000100/
@@ -35,7 +35,7 @@ from pipeline.training.distributed import all_gather_object, barrier, broadcast_
 
 COMPLETE = "complete.json"
 STATE = "trainer_state.json"
-HASH = "sha256"
+HASH = "xxh3_128"  # damage detection, not security: far faster than sha256 (docs/benchmarks/checkpoints.md)
 _CHUNK = 1 << 22
 
 logger = logging.getLogger(__name__)
@@ -73,14 +73,23 @@ def complete_checkpoints(root: str) -> list[str]:
 
 
 # -- the manifest --------------------------------------------------------------------------------------------------
-def file_digest(path: str) -> dict:
-    """{"bytes", "sha256"} of a file, read in 4 MiB blocks."""
-    h, n = hashlib.sha256(), 0
+def _hasher(name: str):
+    """xxh3_128 from xxhash (a dependency of datasets), or sha256 (a manifest may name either)."""
+    if name == "xxh3_128":
+        import xxhash
+        return xxhash.xxh3_128()
+    return hashlib.new(name)
+
+
+def file_digest(path: str, name: str | None = None) -> dict:
+    """{"bytes", <hash name>: hex digest} of a file, read in 4 MiB blocks (`name`: HASH unless given)."""
+    name = name or HASH
+    h, n = _hasher(name), 0
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
             h.update(block)
             n += len(block)
-    return {"bytes": n, HASH: h.hexdigest()}
+    return {"bytes": n, name: h.hexdigest()}
 
 
 def tree_digests(ckpt: str, sub: str) -> dict[str, dict]:
@@ -96,7 +105,8 @@ class _HashingWriter:
     RuntimeError without the OS error)."""
 
     def __init__(self, f):
-        self.f, self.h, self.n, self.os_error = f, hashlib.sha256(), 0, None
+        self.f, self.name, self.n, self.os_error = f, HASH, 0, None
+        self.h = _hasher(self.name)
 
     def write(self, b) -> int:
         try:
@@ -112,7 +122,7 @@ class _HashingWriter:
         self.f.flush()
 
     def digest(self) -> dict:
-        return {"bytes": self.n, HASH: self.h.hexdigest()}
+        return {"bytes": self.n, self.name: self.h.hexdigest()}
 
 
 def save_hashed(obj, path: str, **torch_save_kwargs) -> dict:
@@ -234,8 +244,10 @@ def verify(ckpt: str) -> list[str]:
         return [f"{COMPLETE}: missing (the save never finished)"]
     try:
         with open(marker) as f:
-            files = json.load(f).get("files")
-    except (OSError, ValueError) as e:
+            manifest = json.load(f)
+        files, name = manifest.get("files"), manifest.get("hash", HASH)
+        _hasher(name)
+    except (OSError, ValueError, ImportError) as e:
         return [f"{COMPLETE}: unreadable ({e})"]
     if files is None:
         return []
@@ -249,7 +261,7 @@ def verify(ckpt: str) -> list[str]:
             continue
         if size != want["bytes"]:
             problems.append(f"{rel}: {size} bytes, the manifest says {want['bytes']} (truncated or replaced)")
-        elif file_digest(p)[HASH] != want[HASH]:
+        elif file_digest(p, name)[name] != want[name]:
             problems.append(f"{rel}: checksum mismatch (corrupted)")
     return problems
 

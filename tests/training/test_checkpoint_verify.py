@@ -31,7 +31,7 @@ def _checkpoint(root, step, payload=1000):
         files[name] = ckpt.save_hashed(obj, str(d / name))
     (d / ckpt.STATE).write_text(json.dumps({"step": step}))
     files.update(ckpt.tree_digests(str(d), ckpt.STATE))
-    (d / ckpt.COMPLETE).write_text(json.dumps({"step": step, "files": files}))
+    (d / ckpt.COMPLETE).write_text(json.dumps({"step": step, "hash": ckpt.HASH, "files": files}))
     return d
 
 
@@ -42,6 +42,18 @@ def test_hashed_while_writing_equals_a_read_back(tmp_path):
         assert ckpt.file_digest(str(d / rel)) == digest, rel
     assert torch.equal(torch.load(d / "mp_rank_00_model_states.pt")["w"], torch.arange(1000.0))
     assert ckpt.verify(str(d)) == []
+
+
+def test_manifest_names_its_checksum(tmp_path, monkeypatch):
+    """A checkpoint written with sha256 verifies under a default of xxh3_128, and the other way round."""
+    monkeypatch.setattr(ckpt, "HASH", "sha256")
+    d = _checkpoint(tmp_path, 1)
+    monkeypatch.setattr(ckpt, "HASH", "xxh3_128")
+    manifest = json.loads((d / ckpt.COMPLETE).read_text())
+    assert manifest["hash"] == "sha256" and len(manifest["files"][ckpt.STATE]["sha256"]) == 64
+    assert ckpt.verify(str(d)) == []
+    flip_byte(d / "mp_rank_00_model_states.pt")
+    assert ckpt.verify(str(d)) == ["mp_rank_00_model_states.pt: checksum mismatch (corrupted)"]
 
 
 @pytest.mark.parametrize("damage, reason", [
