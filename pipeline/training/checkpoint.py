@@ -391,8 +391,8 @@ def _save(engine, run_dir, *, step, trainer_state, rank, student_init, export_hf
         mine = _own_digests(path, rank, hashed)
     except (OSError, RuntimeError) as e:  # disk full, quota, read-only, I/O error: this checkpoint is lost
         error, mine = e, {}
-    # Every rank's files are on disk (or some rank failed) before rank 0 declares the checkpoint complete; the
-    # gather is the barrier, and it carries the verdict so all ranks act alike.
+    # Every rank's files are on disk (or some rank failed) before rank 0 declares the checkpoint complete: the
+    # verdict's all-gather is the barrier, so all ranks act alike; then rank 0 collects the digests.
     _agree_or_raise(error, step, rank, root, path)
     parts = all_gather_object(mine)
     if rank == 0:
