@@ -33,6 +33,15 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def report_error(e: BaseException, dist) -> None:
+    """One line on stderr, no traceback. An error every rank raised alike (`shared`: agreed through a collective)
+    is printed by rank 0 alone; any other by each rank that has it, naming the rank, since only that rank knows."""
+    if dist is None or dist.world_size == 1 or dist.is_main:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    elif not getattr(e, "shared", False):
+        print(f"error (rank {dist.rank}): {e}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     from pipeline.logs import call_as_rank, enable_crash_traces, launcher_rank, setup_logging
 
@@ -61,6 +70,7 @@ def _main(argv) -> int:
     from pipeline.models import ModelLoadError
     from pipeline.training import distributed
     from pipeline.training.ds_config import DS_CONFIG_DIR, load_ds_config
+    from pipeline.training.checkpoint import CheckpointDamaged, CheckpointError
     from pipeline.training.trainer import run
 
     dist = None
@@ -71,10 +81,12 @@ def _main(argv) -> int:
                                                         else "zero2_fp32.json")
         run(cfg, load_ds_config(ds_path), dist, resume=args.resume, ds_source=ds_path, command=sys.argv)
         return 0
-    except (ConfigError, DatasetError, TokenizerLoadError, ModelLoadError, FileNotFoundError) as e:
-        if dist is None or dist.is_main:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    except (ConfigError, DatasetError, TokenizerLoadError, ModelLoadError, FileNotFoundError, CheckpointDamaged) as e:
+        report_error(e, dist)
         return 2
+    except CheckpointError as e:  # a failed save: the path and the OS error, on one line; the previous one stays
+        report_error(e, dist)
+        return 1
     except Exception as e:  # name the rank and the cause; the launcher then stops the other ranks
         from pipeline.training.faults import report_rank_failure
         report_rank_failure(dist.rank if dist else int(os.environ.get("RANK", 0)), e)

@@ -1,5 +1,6 @@
 """Checkpoints: DeepSpeed state on every rank, our trainer state and per-rank RNG, an exported student, and a
-completion marker written last, so a crash mid-save never leaves something `--resume auto` would take.
+completion marker written last that lists every file with its size and checksum, so a crash mid-save never leaves
+something `--resume auto` would take, and a file damaged later is found before anything is loaded from it.
 
     <run_dir>/checkpoints/step00000100/
         (DeepSpeed files: mp_rank_00_model_states.pt, *_optim_states.pt, ...)
@@ -7,14 +8,21 @@ completion marker written last, so a crash mid-save never leaves something `--re
         student_init/           student config.json + tokenizer files (what export needs)
         hf/                     the student in Hugging Face format (checkpoint.export_hf)
         trainer_state.json      step, samples consumed, total steps, world size, ZeRO stage, config
-        complete.json           written last, atomically: the checkpoint is complete
+        complete.json           written last, atomically: the checkpoint is complete; its "files" are the manifest
+
+Every rank hashes the files it writes while writing them (DeepSpeed's torch.save goes through `_HashingSaver`);
+rank 0 hashes its own small files, gathers the rest and writes the manifest into complete.json.
 """
 from __future__ import annotations
 
+import errno
 import glob
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -23,10 +31,23 @@ import time
 import numpy as np
 import torch
 
-from pipeline.training.distributed import barrier
+from pipeline.training.distributed import all_gather_object, barrier, broadcast_object
 
 COMPLETE = "complete.json"
 STATE = "trainer_state.json"
+HASH = "xxh3_128"  # damage detection, not security: far faster than sha256 (docs/benchmarks/checkpoints.md)
+_CHUNK = 1 << 22
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous complete one is untouched."""
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint named on the command line is incomplete or fails verification, or every checkpoint of the run
+    does (bad input: exit 2)."""
 
 
 def tag_for(step: int) -> str:
@@ -51,19 +72,247 @@ def complete_checkpoints(root: str) -> list[str]:
     return sorted(found)
 
 
-def find_resume(run_dir: str, resume: str) -> str | None:
-    """`auto`: newest complete checkpoint of the run, or None; `none`: None; else a checkpoint folder that must be
-    complete."""
+# -- the manifest --------------------------------------------------------------------------------------------------
+def _hasher(name: str):
+    """xxh3_128 from xxhash (a dependency of datasets), or sha256 (a manifest may name either)."""
+    if name == "xxh3_128":
+        import xxhash
+        return xxhash.xxh3_128()
+    return hashlib.new(name)
+
+
+def file_digest(path: str, name: str | None = None) -> dict:
+    """{"bytes", <hash name>: hex digest} of a file, read in 4 MiB blocks (`name`: HASH unless given)."""
+    name = name or HASH
+    h, n = _hasher(name), 0
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+            n += len(block)
+    return {"bytes": n, name: h.hexdigest()}
+
+
+def tree_digests(ckpt: str, sub: str) -> dict[str, dict]:
+    """Digests of every file under `ckpt/sub` (a file or a folder), by path relative to `ckpt`."""
+    top = os.path.join(ckpt, sub)
+    paths = [top] if os.path.isfile(top) else [os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]
+    return {os.path.relpath(p, ckpt): file_digest(p) for p in sorted(paths)}
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it: torch.save streams a checkpoint through it, so
+    the digest costs no second read. Keeps the first OSError of the real file (torch.save reports a full disk as a
+    RuntimeError without the OS error)."""
+
+    def __init__(self, f):
+        self.f, self.name, self.n, self.os_error = f, HASH, 0, None
+        self.h = _hasher(self.name)
+
+    def write(self, b) -> int:
+        try:
+            written = self.f.write(b)
+        except OSError as e:
+            self.os_error = self.os_error or e
+            raise
+        self.h.update(b)
+        self.n += len(b)
+        return written
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def digest(self) -> dict:
+        return {"bytes": self.n, self.name: self.h.hexdigest()}
+
+
+def save_hashed(obj, path: str, **torch_save_kwargs) -> dict:
+    """torch.save `obj` to `path` and return its digest. An OSError of the file system (full, read-only, quota) is
+    raised as itself, with `path` in it, whatever torch.save made of it."""
+    writer = None
+    try:
+        with open(path, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(obj, writer, **torch_save_kwargs)
+    except (OSError, RuntimeError) as e:
+        cause = (writer.os_error if writer is not None else None) or (e if isinstance(e, OSError) else None)
+        if cause is None:
+            cause = _probe_write(os.path.dirname(path)) or e
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror or str(cause), path) from None
+        raise
+    return writer.digest()
+
+
+def _probe_write(folder: str) -> OSError | None:
+    """The OS error a small write into `folder` meets now (full disk, read-only, gone), or None if it succeeds."""
+    probe = os.path.join(folder, f".write_probe.{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return OSError(e.errno, e.strerror, folder)
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+    return None
+
+
+class _HashingSaver:
+    """Stands in for DeepSpeed's TorchCheckpointEngine.save during our save: writes through `save_hashed` and records
+    digests and the first failure instead of raising, so this rank still joins DeepSpeed's barriers after a failed
+    write (raising there would leave the other ranks waiting in a collective) and the ranks decide together. The
+    engine's copy of its recovery script (rank 0, between two collectives) is guarded the same way."""
+
+    def __init__(self, engine, ds_engine=None):
+        self.engine, self.ds_engine, self.digests, self.error = engine, ds_engine, {}, None
+
+    def __call__(self, state_dict, path: str):
+        if self.error is not None:
+            return
+        kwargs = {}
+        if hasattr(self.engine, "zipfile_serialization"):
+            kwargs["_use_new_zipfile_serialization"] = self.engine.zipfile_serialization
+        try:
+            self.digests[path] = save_hashed(state_dict, path, **kwargs)
+        except (OSError, RuntimeError) as e:
+            self.error = e
+
+    def _guarded(self, fn):
+        def call(*args, **kwargs):
+            if self.error is not None:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:
+                self.error = e
+        return call
+
+    def __enter__(self):
+        self.engine.save = self
+        if hasattr(self.ds_engine, "_copy_recovery_script"):
+            self.ds_engine._copy_recovery_script = self._guarded(self.ds_engine._copy_recovery_script)
+        return self
+
+    def __exit__(self, *exc):
+        del self.engine.save  # the class's method again
+        if "_copy_recovery_script" in vars(self.ds_engine or object()):
+            del self.ds_engine._copy_recovery_script
+        return False
+
+
+def _hashing_saver(engine):
+    """The saver for a DeepSpeed engine whose checkpoint engine is the plain torch one, else None (another engine,
+    e.g. an asynchronous one, writes its own way: its files are hashed after the write)."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is not None and type(ce).__name__ == "TorchCheckpointEngine":
+        return _HashingSaver(ce, engine)
+    return None
+
+
+_RANK_IN_NAME = re.compile(r"(?:pp_rank_|rng/rank)0*(\d+)")
+
+
+def _writer_rank(relpath: str) -> int:
+    """Which rank wrote a checkpoint file: the rank in its name (ZeRO partitions, RNG), else rank 0."""
+    m = _RANK_IN_NAME.search(relpath)
+    return int(m.group(1)) if m else 0
+
+
+def _own_digests(path: str, rank: int, hashed: dict[str, dict]) -> dict[str, dict]:
+    """This rank's files in the checkpoint `path` with their digests: those hashed while writing, plus any other
+    file this rank wrote (hashed now, from the page cache)."""
+    out = {os.path.relpath(p, path): d for p, d in hashed.items()}
+    for d, _, fs in os.walk(path):
+        for f in fs:
+            rel = os.path.relpath(os.path.join(d, f), path)
+            if rel not in out and _writer_rank(rel) == rank and not rel.startswith(("hf", "student_init")) \
+                    and rel not in (STATE, COMPLETE):
+                out[rel] = file_digest(os.path.join(d, f))
+    return out
+
+
+def verify(ckpt: str) -> list[str]:
+    """What is wrong with a checkpoint folder, one "file: reason" per problem; [] when every file listed in its
+    manifest is there with the recorded size and checksum. A checkpoint written before manifests existed has
+    nothing to check against and passes."""
+    marker = os.path.join(ckpt, COMPLETE)
+    if not os.path.exists(marker):
+        return [f"{COMPLETE}: missing (the save never finished)"]
+    try:
+        with open(marker) as f:
+            manifest = json.load(f)
+        files, name = manifest.get("files"), manifest.get("hash", HASH)
+        _hasher(name)
+    except (OSError, ValueError, ImportError) as e:
+        return [f"{COMPLETE}: unreadable ({e})"]
+    if files is None:
+        return []
+    problems = []
+    for rel, want in sorted(files.items()):
+        p = os.path.join(ckpt, rel)
+        try:
+            size = os.path.getsize(p)
+        except OSError:
+            problems.append(f"{rel}: missing")
+            continue
+        if size != want["bytes"]:
+            problems.append(f"{rel}: {size} bytes, the manifest says {want['bytes']} (truncated or replaced)")
+        elif file_digest(p, name)[name] != want[name]:
+            problems.append(f"{rel}: checksum mismatch (corrupted)")
+    return problems
+
+
+# -- choosing the checkpoint to resume from ------------------------------------------------------------------------
+def find_resume(run_dir: str, resume: str, warn=logger.warning) -> str | None:
+    """`auto`: the newest complete checkpoint of the run that passes verification (a damaged one is skipped with a
+    warning naming it and its file), or None when the run has none; `none`: None; else a checkpoint folder that must
+    be complete and intact. Raises CheckpointDamaged when the named one, or every one of the run, fails."""
     if resume == "none":
         return None
     if resume == "auto":
         found = complete_checkpoints(os.path.join(run_dir, "checkpoints"))
-        return found[-1] if found else None
+        damaged = []
+        for ckpt in reversed(found):
+            problems = verify(ckpt)
+            if not problems:
+                return ckpt
+            damaged.append(f"{ckpt} ({'; '.join(problems[:3])})")
+            warn(f"warning: checkpoint {ckpt} is damaged: {'; '.join(problems[:3])}; skipping it"
+                 + (f", trying {found[len(found) - len(damaged) - 1]}" if len(damaged) < len(found) else ""))
+        if damaged:
+            raise CheckpointDamaged(f"every checkpoint in {os.path.join(run_dir, 'checkpoints')} is damaged: "
+                                    f"{', '.join(damaged)}. Restore one from a copy, or start over with --resume none")
+        return None
     path = os.path.abspath(resume)
     if not os.path.exists(os.path.join(path, COMPLETE)):
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE}); complete ones: "
+        raise CheckpointDamaged(f"--resume {resume}: not a complete checkpoint (no {COMPLETE}); complete ones: "
                                 f"{complete_checkpoints(os.path.dirname(path)) or 'none'}")
+    problems = verify(path)
+    if problems:
+        raise CheckpointDamaged(f"--resume {resume}: checkpoint damaged: {'; '.join(problems[:5])}. Pick another "
+                                f"(--resume auto takes the newest intact one)")
     return path
+
+
+def choose_resume(run_dir: str, resume: str, is_main: bool, warn=logger.warning) -> str | None:
+    """`find_resume` on rank 0 (it reads every checkpoint file once), its answer or its error on every rank, so all
+    ranks load the same checkpoint or stop together with the same message."""
+    answer = None
+    if is_main:
+        try:
+            answer = ("ok", find_resume(run_dir, resume, warn))
+        except CheckpointDamaged as e:
+            answer = ("damaged", str(e))
+    kind, value = broadcast_object(answer)
+    if kind == "damaged":
+        e = CheckpointDamaged(value)
+        e.shared = True  # every rank raises the same: the launcher prints it once
+        raise e
+    return value
 
 
 def read_state(ckpt: str) -> dict:
@@ -86,77 +335,123 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# -- saving --------------------------------------------------------------------------------------------------------
 def save(engine, run_dir: str, *, step: int, trainer_state: dict, rank: int, student_init: str,
          export_hf: bool, keep_last: int, log=print, device=None) -> str:
-    """Save on every rank (DeepSpeed's save is collective); rank 0 finishes the folder and prunes old ones."""
+    """Save on every rank (DeepSpeed's save is collective); rank 0 finishes the folder and prunes old ones.
+
+    The run continues exactly as if no checkpoint had been written: every rank's RNG is put back afterwards (the
+    export builds a model, whose initialisation draws from rank 0's RNG), so a run resumed from this checkpoint and
+    the run that wrote it draw the same dropout masks."""
+    saved_rng = rng_state()
+    try:
+        return _save(engine, run_dir, step=step, trainer_state=trainer_state, rank=rank, student_init=student_init,
+                     export_hf=export_hf, keep_last=keep_last, log=log, rng=saved_rng)
+    finally:
+        set_rng_state(saved_rng)
+
+
+def _save(engine, run_dir, *, step, trainer_state, rank, student_init, export_hf, keep_last, log, rng) -> str:
     root = os.path.join(run_dir, "checkpoints")
     tag = tag_for(step)
     path = os.path.join(root, tag)
+    error = None
     if rank == 0:
-        if os.path.exists(path):  # an earlier attempt at this step that never completed
-            shutil.rmtree(path)
-        os.makedirs(root, exist_ok=True)
-    barrier()
+        try:
+            if os.path.exists(path):  # an earlier attempt at this step that never completed
+                shutil.rmtree(path)
+            os.makedirs(root, exist_ok=True)
+        except OSError as e:
+            error = e
+    _agree_or_raise(error, step, rank, root, path)
+    # A read-only or full file system is found here, by every rank (node-local storage differs per node), before
+    # DeepSpeed's save starts its collectives.
+    _agree_or_raise(_probe_write(root), step, rank, root, path)
     t0 = time.time()
     from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-    error = None
+    saver = _hashing_saver(engine)
+    hashed: dict[str, dict] = {}
     try:
         # The marker ds_to_universal needs to convert this checkpoint for another world size (no tensor
         # parallelism here, so no merge patterns beyond the version).
-        engine.save_checkpoint(root, tag=tag, save_latest=False, client_state={
-            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
+        client_state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        if saver is not None:
+            with saver:
+                engine.save_checkpoint(root, tag=tag, save_latest=False, client_state=client_state)
+            hashed.update(saver.digests)
+            if saver.error is not None:
+                raise saver.error
+        else:
+            engine.save_checkpoint(root, tag=tag, save_latest=False, client_state=client_state)
         os.makedirs(os.path.join(path, "rng"), exist_ok=True)
-        torch.save(rng_state(), os.path.join(path, "rng", f"rank{rank:05d}.pt"))
+        rng_file = os.path.join(path, "rng", f"rank{rank:05d}.pt")
+        hashed[rng_file] = save_hashed(rng, rng_file)
         _injected_failure(step, rank)
-    except OSError as e:  # disk full, quota, I/O error: this checkpoint is lost, the previous one must not be
-        error = e
-    # Every rank's files are on disk (or some rank failed) before rank 0 declares the checkpoint complete; the
-    # all-reduce is the barrier, and it carries the verdict so all ranks act alike.
-    _agree_or_raise(error, step, rank, root, device)
+        mine = _own_digests(path, rank, hashed)
+    except (OSError, RuntimeError) as e:  # disk full, quota, read-only, I/O error: this checkpoint is lost
+        error, mine = e, {}
+    # Every rank's files are on disk (or some rank failed) before rank 0 declares the checkpoint complete: the
+    # verdict's all-gather is the barrier, so all ranks act alike; then rank 0 collects the digests.
+    _agree_or_raise(error, step, rank, root, path)
+    parts = all_gather_object(mine)
     if rank == 0:
         try:
+            files = {k: v for part in parts for k, v in part.items()}
             shutil.copytree(student_init, os.path.join(path, "student_init"))
             _atomic_json(os.path.join(path, STATE), trainer_state)
             if export_hf:
                 export(path, os.path.join(path, "hf"))
-            _atomic_json(os.path.join(path, COMPLETE), {"step": step, "time": time.time(),
-                                                        "seconds": round(time.time() - t0, 3)})
-            error = None
-        except OSError as e:
+            for sub in ("student_init", STATE) + (("hf",) if export_hf else ()):
+                files.update(tree_digests(path, sub))
+            _atomic_json(os.path.join(path, COMPLETE), {
+                "step": step, "time": time.time(), "seconds": round(time.time() - t0, 3), "hash": HASH,
+                "bytes": sum(d["bytes"] for d in files.values()), "files": files})
+        except (OSError, RuntimeError) as e:
             error = e
         if error is None:
             for old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
                 shutil.rmtree(old + "_universal", ignore_errors=True)
             log(f"checkpoint {path} ({time.time() - t0:.1f} s)")
-    _agree_or_raise(error, step, rank, root, device)
+    _agree_or_raise(error, step, rank, root, path)
     return path
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; the previous complete one is untouched."""
 
 
 def _injected_failure(step: int, rank: int) -> None:
     """Fault injection for tests: DISTIL_INJECT_SAVE_FAILURE=<step>:<rank> fails that rank's save halfway, after
     DeepSpeed has written its files (the worst moment: a folder that looks nearly complete)."""
     if os.environ.get("DISTIL_INJECT_SAVE_FAILURE") == f"{step}:{rank}":
-        import errno
         raise OSError(errno.ENOSPC, "injected failure: no space left on device")
 
 
-def _agree_or_raise(error, step: int, rank: int, root: str, device) -> None:
-    from pipeline.training.distributed import all_reduce_sum
-    failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0 + rank], device=device)).item()
-    if failed == 0:
+def describe_os_error(e: BaseException) -> str:
+    """`<path>: <OS error>` for a failed write, on one line."""
+    if isinstance(e, OSError) and e.strerror:
+        name = errno.errorcode.get(e.errno, "") if e.errno else ""
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}" + (f" ({name})" if name else "")
+    return " ".join(str(e).split())[:300]
+
+
+def _agree_or_raise(error, step: int, rank: int, root: str, path: str) -> None:
+    """All ranks learn every rank's failure (one all-gather); on any, rank 0 removes the partial folder and every
+    rank raises the same one-line CheckpointError naming the failed file and its OS error."""
+    failures = [f for f in all_gather_object(None if error is None else (rank, describe_os_error(error))) if f]
+    if not failures:
         return
+    removed = ""
+    if rank == 0 and os.path.exists(path):
+        shutil.rmtree(path, ignore_errors=True)
+        removed = f"; the partial {path} was removed" if not os.path.exists(path) else f"; could not remove {path}"
     done = complete_checkpoints(root)
     previous = done[-1] if done else None
-    where = f"on rank {rank}: {error}" if error is not None else "on another rank (see its message)"
-    raise CheckpointError(f"writing the checkpoint of step {step} failed {where}. The previous complete checkpoint "
-                          f"{previous or '(none)'} is untouched and `--resume auto` will use it; free space or fix "
-                          f"the file system, then restart the job")
+    what = "; ".join(f"rank {r}: {msg}" for r, msg in failures)
+    e = CheckpointError(f"checkpoint of step {step} not written ({what}){removed}. The previous complete checkpoint "
+                        f"{previous or '(none)'} is untouched and `--resume auto` will use it; free space or fix the "
+                        f"file system, then restart the job")
+    e.shared = True
+    raise e
 
 
 def prepare_universal(ckpt: str, rank: int) -> str:

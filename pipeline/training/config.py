@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, get_args, get_origin, get_type_hints
@@ -22,10 +23,15 @@ RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes")
 class ConfigError(ValueError):
     """One or more problems in a recipe, each naming the key to change."""
 
+    shared = True  # from the recipe and data every rank reads alike: the same on every rank, printed once
+
     def __init__(self, source: str, problems: list[str]):
         self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n"
-                         + "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:  # the common case reads as one line
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(problems)} problems in the configuration:\n"
+                             + "\n".join(f"  - {p}" for p in problems))
 
 
 def doc(text: str, default=dataclasses.MISSING, default_factory=dataclasses.MISSING):
@@ -142,6 +148,9 @@ class TrainConfig:
                                       "for staged runs", None)
     compile: bool = doc("torch.compile the student (DeepSpeed's engine.compile) and the teacher's encoder; the "
                         "first steps pay for the compilation", False)
+    stall_timeout_s: float = doc("a rank that completes no optimiser step for this long (seconds) reports its rank, "
+                                 "host and last step and the job exits 1 (SLURM can requeue it); above the slowest "
+                                 "step, evaluation or checkpoint", 300.0)
 
 
 @dataclass
@@ -306,10 +315,10 @@ def load_config(recipe: str, overrides: list[str] | None = None, *, validate_now
 
 def validate(cfg: RunConfig, source: str = "recipe") -> None:
     """Gather every inconsistency of a run config into one ConfigError (the world size is checked later)."""
-    p: list[str] = []
+    p: list[str] = non_finite_numbers(cfg)
 
     def need(cond, msg):
-        if not cond:
+        if not cond and not any(msg.split(":")[0] == q.split(":")[0] for q in p):  # one line per key
             p.append(msg)
 
     need(cfg.run_dir, "run_dir: required (the output folder), e.g. run_dir=runs/my_run")
@@ -388,8 +397,32 @@ def validate(cfg: RunConfig, source: str = "recipe") -> None:
     need(cfg.logging.every_steps >= 1, "logging.every_steps: must be >= 1")
     need(cfg.eval.every_steps >= 0, "eval.every_steps: must be >= 0")
     need(cfg.eval.n_samples >= 0, "eval.n_samples: must be >= 0")
+    need(cfg.eval.micro_size is None or cfg.eval.micro_size >= 1, "eval.micro_size: must be >= 1 or null")
+    need(0 <= t.seed < 2 ** 63, f"train.seed: a non-negative integer, got {t.seed}")
+    need(t.stall_timeout_s > 0, f"train.stall_timeout_s: seconds, must be > 0, got {t.stall_timeout_s}")
+    need(s.max_position >= 1, "student.max_position: must be >= 1")
+    for k in ("hidden_size", "n_heads", "ffn_size"):
+        need(getattr(s, k) is None or getattr(s, k) >= 1, f"student.{k}: must be >= 1 or null")
+    if s.layers is not None:
+        need(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in s.layers),
+             f"student.layers: teacher layer indices (integers >= 0), got {s.layers!r}")
     if p:
         raise ConfigError(source, p)
+
+
+def non_finite_numbers(cfg, prefix: str = "") -> list[str]:
+    """A problem for every float key (and number in a list) that is NaN or infinite: YAML reads `.inf` and `nan`
+    as numbers, and no key of a recipe means anything with them (an infinite learning rate trains on NaN)."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += non_finite_numbers(value, f"{prefix}{f.name}.")
+            continue
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            problems.append(f"{prefix}{f.name}: must be a finite number, got {value!r}")
+    return problems
 
 
 @dataclass

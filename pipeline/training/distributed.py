@@ -56,7 +56,8 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
                         f"DeepSpeed op build that died leaves this lock behind, and every later build (the CPU "
                         f"all-reduce op is built at start-up) waits for it forever. If no build is running, delete "
                         f"it: rm {lock}", extra={"all_ranks": True})
-    timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("DISTIL_DIST_TIMEOUT_S", 1800)))
+    timeout = collective_timeout(timeout_s)
+    set_default_group_timeout(timeout)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if accel.device_name() == "cpu":
@@ -68,6 +69,38 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local_rank, device)
+
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+
+
+def collective_timeout(timeout_s: float | None = None) -> datetime.timedelta:
+    """How long a collective may wait for a peer: `timeout_s`, else DISTIL_DIST_TIMEOUT_S, else 30 minutes (long
+    enough for rank 0 to checksum a large dataset while the others wait; the stall watchdog catches a stuck rank
+    sooner)."""
+    raw = timeout_s if timeout_s is not None else os.environ.get("DISTIL_DIST_TIMEOUT_S", DEFAULT_COLLECTIVE_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        from pipeline.training.config import ConfigError
+        raise ConfigError("environment", [f"DISTIL_DIST_TIMEOUT_S: a positive number of seconds, got {raw!r}"])
+    return datetime.timedelta(seconds=seconds)
+
+
+def set_default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` the default of every process group created later without one.
+
+    DeepSpeed creates its ZeRO data-parallel and other groups with `torch.distributed.new_group(ranks)`, no timeout,
+    so they take torch's module-level default (30 min on gloo, 10 on NCCL) and a stuck peer holds a rank that long
+    whatever the default group's timeout. torch reads that default when a group is created, so setting it before
+    DeepSpeed builds its groups gives every group the same bound."""
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def stale_build_lock(op: str = "deepspeed_shm_comm", max_age_s: float = 900.0) -> str | None:
@@ -122,6 +155,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (a list of one outside a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -28,7 +28,7 @@ import torch
 
 from pipeline.training import checkpoint as ckpt_lib
 from pipeline.training.config import ConfigError, RunConfig, plan_batch
-from pipeline.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from pipeline.training.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier
 from pipeline.training.ds_config import finalize_ds_config, offloads_optimizer, precision, zero_stage
 from pipeline.training.evaluate import evaluate
 from pipeline.training.faults import NonFiniteLoss, StopFlags, inject_nan, requeue_slurm_job
@@ -36,6 +36,7 @@ from pipeline.training.flops import model_shape, peak_flops_for, step_flops
 from pipeline.training.metrics import MetricWriter, format_train_row, memory_metrics, train_row
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.step import Counters, forward_losses, uses_chunked_loss
+from pipeline.training.watchdog import StallWatchdog
 
 if TYPE_CHECKING:
     from pipeline.data import PreparedDataset
@@ -102,7 +103,7 @@ class Trainer:
     def find_resume_point(self, resume: str) -> None:
         """The checkpoint to resume from, chosen before the engine: another world size needs DeepSpeed's universal
         loader, which is a setting of `deepspeed.initialize`."""
-        self.resume_from = broadcast_object(ckpt_lib.find_resume(self.run_dir, resume) if self.dist.is_main else None)
+        self.resume_from = ckpt_lib.choose_resume(self.run_dir, resume, self.dist.is_main)  # damaged ones skipped
         if self.resume_from:
             prev = ckpt_lib.read_state(self.resume_from)
             if prev["world_size"] != self.dist.world_size and prev.get("zero_stage", 0) > 0:
@@ -112,20 +113,19 @@ class Trainer:
     def setup_data(self) -> None:
         from pipeline.data import PreparedDataset
         from pipeline.data.masking import Masker, word_starts
+        from pipeline.data.verify import open_splits
         from pipeline.data_prep.tokenizer import load_tokenizer
 
         cfg, dist = self.cfg, self.dist
-        train = PreparedDataset(cfg.data.path, cfg.data.train_split, verify="none")
+        train = PreparedDataset(cfg.data.path, cfg.data.train_split, verify="none")  # its manifest names the tokenizer
         tok_path = cfg.tokenizer or cfg.teacher.name_or_path or train.tokenizer_info["name_or_path"]
         tokenizer = load_tokenizer(tok_path)
-        # Rank 0 checks every checksum once, then the others only sizes (a shared file system would read the data W
-        # times); the barrier keeps them from reading shards rank 0 is about to refuse.
-        if dist.is_main:
-            train.check_tokenizer(tokenizer)
-            train.check(cfg.data.verify)
-        barrier()
-        if not dist.is_main:
-            train.check("size")
+        # Both splits before any compute. Rank 0 checks every checksum once, the others only sizes (a shared file
+        # system would read the data W times); all ranks stop together, naming the file whichever rank found it.
+        wanted = [cfg.data.train_split] + ([cfg.data.valid_split] if cfg.eval.n_samples > 0 else [])
+        splits = open_splits(cfg.data.path, wanted, optional=(cfg.data.valid_split,), tokenizer=tokenizer,
+                             verify=cfg.data.verify if dist.is_main else "size", gather=all_gather_object,
+                             opened={cfg.data.train_split: train})
         special = train.special_ids
         missing = [k for k in ("cls", "sep", "mask", "pad") if special.get(k) is None]
         if missing:
@@ -140,7 +140,7 @@ class Trainer:
                         smoothing_exponent=m.smoothing_exponent, seed=cfg.train.seed)
         self.data = Data(tokenizer=tokenizer, tokenizer_path=tok_path, train=train,
                          sequences=self._sequences(train), masker=masker,
-                         eval_batches=self._eval_batches(train, masker))
+                         eval_batches=self._eval_batches(splits.get(cfg.data.valid_split), masker))
         if len(self.data.sequences) < self.plan.global_size:
             raise ConfigError(cfg.data.path, [f"{len(self.data.sequences)} training sequences of {cfg.data.seq_len} "
                                               f"tokens is fewer than one global batch ({self.plan.global_size}); "
@@ -154,18 +154,16 @@ class Trainer:
         return SequenceDataset(split, self.cfg.data.seq_len, self.cfg.data.mode, cls_id=special["cls"],
                                sep_id=special["sep"], pad_id=special["pad"])
 
-    def _eval_batches(self, train, masker):
+    def _eval_batches(self, valid, masker):
         """Fixed held-out batches of the validation split, or None (with the reason logged) when there are none."""
-        from pipeline.data import PreparedDataset
         from pipeline.data.loader import EvalBatches
 
         cfg, dist = self.cfg, self.dist
         if cfg.eval.n_samples <= 0:
             return None
-        if cfg.data.valid_split not in train.manifest["shards"]:
+        if valid is None:
             log.info(f"held-out evaluation off: the dataset has no {cfg.data.valid_split!r} split")
             return None
-        valid = PreparedDataset(cfg.data.path, cfg.data.valid_split, verify="size")
         try:
             sequences = self._sequences(valid)
         except ValueError as e:  # an empty or tiny validation split: train anyway, say so
@@ -300,6 +298,7 @@ class Trainer:
                     self.evaluate()
                 if self.due(self.cfg.checkpoint.every_steps):
                     self.save_checkpoint()
+                self.watchdog.beat()  # evaluation and checkpoint done
                 stop_requested = stop_requested and self.step < self.stop_at
                 if stop_requested:
                     log.info(f"stop requested ({self.stop_flags.received or 'signal on another rank'}) at step "
@@ -322,6 +321,7 @@ class Trainer:
             if cfg.logging.sample_ids else None
         self.counters = Counters(dist.device)
         self.stop_flags = StopFlags()
+        self.watchdog = StallWatchdog(cfg.train.stall_timeout_s, dist.rank, self.run_dir).start(self.step)
         self.bar = None
         if dist.is_main and cfg.logging.progress:
             from tqdm import tqdm
@@ -363,6 +363,7 @@ class Trainer:
             engine.step()
             self.counters.add(terms, stats)
         self.step += 1
+        self.watchdog.beat(self.step)
         stop_requested, any_nonfinite = self.stop_flags.agree(self.dist.device, nonfinite)
         if any_nonfinite:
             self.on_nonfinite(skipped=engine.skipped_steps > skipped_before)
@@ -450,6 +451,7 @@ class Trainer:
         barrier()
 
     def close_outputs(self) -> None:
+        self.watchdog.stop()
         self.stop_flags.restore()
         if self.bar is not None:
             self.bar.close()

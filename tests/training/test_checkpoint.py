@@ -31,7 +31,7 @@ def test_auto_takes_newest_complete_and_skips_half_written(tmp_path):
 
 def test_explicit_resume_must_be_complete(tmp_path):
     bad = _make(tmp_path, 300, complete=False)
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ckpt.CheckpointDamaged, match="not a complete checkpoint"):
         ckpt.find_resume(str(tmp_path), str(bad))
     good = _make(tmp_path, 100)
     assert ckpt.find_resume(str(tmp_path), str(good)) == str(good)
