@@ -18,7 +18,6 @@ stopped with SIGSTOP after a few steps and the time to the end of the job is mea
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil

@@ -101,6 +101,6 @@ def test_sigstop_one_of_two_ranks_ends_the_job_in_bounded_time(tmp_path, tiny_te
     assert elapsed < bound, f"{elapsed:.0f} s from SIGSTOP to the end of the job (bound {bound:.0f} s)"
     lines = [line for line in log.splitlines() if "stall: rank 0 on" in line]
     assert len(lines) == 1, log[-3000:]
-    assert f"made no progress for" in lines[0] and f"(train.stall_timeout_s={timeout_s})" in lines[0]
+    assert "made no progress for" in lines[0] and f"(train.stall_timeout_s={timeout_s})" in lines[0]
     assert f"rank 1 on {socket.gethostname()} (pid {stopped.pid}) silent for" in lines[0]
     assert os.path.exists(os.path.join(heartbeat_dir(str(run)), "rank00000.stacks.txt"))
