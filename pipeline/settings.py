@@ -20,15 +20,20 @@ from dataclasses import field
 class ConfigError(ValueError):
     """One or more problems in a configuration, each naming the key to change."""
 
+    shared = True  # from a configuration every rank reads alike: the same on every rank, printed once
+
     def __init__(self, source: str, problems: list[str]):
         self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n"
-                         + "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:  # the common case reads as one line
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(problems)} problems in the configuration:\n"
+                             + "\n".join(f"  - {p}" for p in problems))
 
 
 def doc(text: str, default=dataclasses.MISSING, default_factory=dataclasses.MISSING, **metadata):
-    """A dataclass field with its one-line documentation attached (shown in --help). Other metadata (such
-    as `choices`) is kept alongside."""
+    """A dataclass field with its one-line documentation attached (shown in --help and by `pretrain.py
+    --help-config`). Other metadata (such as `choices`) is kept alongside."""
     kw = {"metadata": {"doc": text, **metadata}}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, **kw)

@@ -2,7 +2,8 @@
 
     cfg = load_config("distilbert_base", ["optimizer.lr=3e-4", "batch.micro_size=16"])
 
-Every section is a dataclass whose fields carry a one-line doc. `validate` gathers every problem of a recipe into
+Every section is a dataclass whose fields carry a one-line doc (the dialect of pipeline/settings.py, shared with
+data preparation). `validate` gathers every problem of a recipe into
 one ConfigError that names the key to change, so a user fixes a config in one round trip, not one error per run.
 Precision and ZeRO stage live in the DeepSpeed JSON (pipeline/training/ds_config.py); everything else lives here.
 """
@@ -12,34 +13,14 @@ import dataclasses
 import difflib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
+from pipeline.settings import ConfigError, doc  # the project's one config dialect
+
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes")
-
-
-class ConfigError(ValueError):
-    """One or more problems in a recipe, each naming the key to change."""
-
-    shared = True  # from the recipe and data every rank reads alike: the same on every rank, printed once
-
-    def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
-        if len(problems) == 1:  # the common case reads as one line
-            super().__init__(f"{source}: {problems[0]}")
-        else:
-            super().__init__(f"{source}: {len(problems)} problems in the configuration:\n"
-                             + "\n".join(f"  - {p}" for p in problems))
-
-
-def doc(text: str, default=dataclasses.MISSING, default_factory=dataclasses.MISSING):
-    """A dataclass field with its one-line documentation attached (shown by `pretrain.py --help-config`)."""
-    kw = {"metadata": {"doc": text}}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, **kw)
-    return field(default=default, **kw)
 
 
 @dataclass

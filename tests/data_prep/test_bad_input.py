@@ -263,7 +263,7 @@ def test_invalid_settings_all_reported_at_once(tmp_path, cli):
     proc = cli("--input", src, "--output", tmp_path / "out", "--workers", "0", "--valid-fraction", "1.5",
                "--unit-mb", "-1", "--no-progress", check=False)
     assert proc.returncode == 2, proc.stderr
-    assert "3 problem(s)" in proc.stderr and "Traceback" not in proc.stderr
+    assert "3 problems" in proc.stderr and "Traceback" not in proc.stderr
     for key in ("workers:", "valid_fraction:", "unit_mb:"):
         assert key in proc.stderr
     assert not (tmp_path / "out").exists()
