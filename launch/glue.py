@@ -154,10 +154,10 @@ def visible_gpus(requested: int | None) -> list:
 
 
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    from pipeline.fileio import atomic_write
+
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

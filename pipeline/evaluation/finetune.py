@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from pipeline.fileio import atomic_write
+
 from . import metrics as task_metrics
 from .data import TaskData, load_task_data
 from .report import classification_report, confusion_matrix, format_report
@@ -253,10 +255,8 @@ def finish(cfg: FinetuneConfig, trainer, tokenizer, report: dict) -> dict:
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(cfg.output)
-        tmp = os.path.join(cfg.output, "report.json.tmp")
-        with open(tmp, "w") as f:
+        with atomic_write(os.path.join(cfg.output, "report.json"), "w") as f:
             json.dump(report, f, indent=2, default=_json_default)
-        os.replace(tmp, os.path.join(cfg.output, "report.json"))
         if not cfg.keep_checkpoints:
             shutil.rmtree(os.path.join(cfg.output, "checkpoints"), ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

@@ -31,6 +31,7 @@ import time
 import numpy as np
 import torch
 
+from pipeline.fileio import atomic_write
 from pipeline.training.distributed import all_gather_object, barrier, broadcast_object
 
 COMPLETE = "complete.json"
@@ -55,12 +56,8 @@ def tag_for(step: int) -> str:
 
 
 def _atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(root: str) -> list[str]:
