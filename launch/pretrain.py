@@ -34,6 +34,11 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
+    # First of all, before torch is imported: SLURM's USR1 (time limit, preemption) or TERM (scancel) may come while
+    # the rank starts up. Until now the rank ignores them (pretrain.sbatch starts the launcher with both ignored);
+    # from here on they set a flag that the trainer reads at its first step boundary.
+    from pipeline.training.faults import StopFlags
+    stop_flags = StopFlags()
     args = parse(sys.argv[1:] if argv is None else argv)
     from pipeline.training.config import ConfigError, describe_fields, load_config
 
@@ -61,7 +66,8 @@ def main(argv=None) -> int:
         dist = distributed.init_distributed()
         ds_path = args.deepspeed_config or os.path.join(DS_CONFIG_DIR, "zero2_bf16.json" if dist.on_gpu
                                                         else "zero2_fp32.json")
-        run(cfg, load_ds_config(ds_path), dist, resume=args.resume, ds_source=ds_path, command=sys.argv)
+        run(cfg, load_ds_config(ds_path), dist, resume=args.resume, ds_source=ds_path, command=sys.argv,
+            stop_flags=stop_flags)
         return 0
     except (ConfigError, DatasetError, TokenizerLoadError, ModelLoadError, FileNotFoundError) as e:
         if dist is None or dist.is_main:
@@ -73,6 +79,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         distributed.destroy()
+        stop_flags.restore()
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ write_config() {
   ctld_port=${SLURMCTLD_PORT:-$(free_port)}
   slurmd_port=${SLURMD_PORT:-$(free_port)}
   cpus=${CPUS:-16} gpus=${GPUS:-8} mem=${REAL_MEMORY_MB:-512000}
-  mkdir -p "$dir"/{munge,state,spool,log,gpu}
+  mkdir -p "$dir"/{munge,state,spool/slurmd-localhost,log,gpu}
   rm -f "$dir"/gpu/*
   for ((i = 0; i < gpus; i++)); do ln -s /dev/null "$dir/gpu/nvidia$i"; done
   cat > "$dir/slurm.conf" <<EOF
@@ -74,6 +74,7 @@ SlurmdDebug=info
 PlugStackConfig=$dir/plugstack.conf
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
+MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill

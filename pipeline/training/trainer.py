@@ -111,7 +111,7 @@ def _memory(device) -> dict:
 
 
 def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", ds_source: str = "ds_config",
-        command: list[str] | None = None) -> dict:
+        command: list[str] | None = None, stop_flags: StopFlags | None = None) -> dict:
     """Train; returns the final held-out evaluation (rank 0) or {}."""
     import deepspeed
     from pipeline.data_prep.tokenizer import load_tokenizer
@@ -259,7 +259,7 @@ def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", d
                       keep_last=cfg.checkpoint.keep_last, log=log, device=dist.device)
 
     counters = Counters(dist.device)
-    stop_flags = StopFlags()
+    stop_flags = stop_flags if stop_flags is not None else StopFlags()  # launch/pretrain.py installs it at start-up
     preempted = False
     bar = None
     if dist.is_main and cfg.logging.progress:

@@ -1,0 +1,83 @@
+"""slurm/pretrain.sbatch submitted with the real `sbatch` to the local cluster (tests/slurm/conftest.py): 2 CPU ranks
+through srun and DeepSpeed's launcher to a checkpoint and an exported student; a CPU partition; preemption by USR1
+(`scancel --signal=USR1 --batch`, and the `--time` + `--signal=B:USR1@lead` timer) that checkpoints, requeues and
+resumes under the same job id to the same final parameters as an uninterrupted job; `scancel` (TERM): a
+checkpoint, then exit."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.training.checkpoint import complete_checkpoints, fp32_state_dict
+from tests.conftest import ROOT
+from tests.training.conftest import FAST
+
+pytestmark = pytest.mark.integration
+
+# The cluster declares 16 CPUs and 8 count-only GPUs; DS_ACCELERATOR=cpu (job_env) makes every "GPU" a CPU rank.
+SBATCH = ["--nodes=1", "--cpus-per-task=2", "--time=10:00"]
+
+
+def overrides(teacher, data, *extra) -> list[str]:
+    return [f"teacher.name_or_path={teacher}", f"data.path={data}", *FAST, "eval.n_samples=0",
+            "checkpoint.every_steps=0", *extra]
+
+
+def submit(cluster, tmp_path, name, args, *sbatch, env=None) -> tuple[str, Path, Path]:
+    """sbatch slurm/pretrain.sbatch; returns (job id, the job's .out file, the run folder)."""
+    run_dir = tmp_path / "runs" / name
+    (tmp_path / "logs").mkdir(exist_ok=True)  # sbatch opens --output in a folder that must exist
+    env = {"RECIPE": "tiny_cpu", "DS_CONFIG": "ds_configs/zero2_fp32.json", "LOG_DIR": str(tmp_path / "logs"),
+           "RUN_DIR": str(run_dir), **(env or {})}
+    job = cluster.sbatch(f"--job-name={name}", f"--output={tmp_path}/logs/%x-%j.out", *SBATCH, *sbatch,
+                         "slurm/pretrain.sbatch", *args, env=env)
+    return job, tmp_path / "logs" / f"{name}-{job}.out", run_dir
+
+
+def steps(run_dir: Path) -> list[int]:
+    return [int(Path(p).name.removeprefix("step")) for p in complete_checkpoints(str(run_dir / "checkpoints"))]
+
+
+def show(out: Path, cluster=None) -> str:
+    text = out.read_text(errors="replace")[-8000:] if out.exists() else f"(no {out})"
+    return text + ("\n" + cluster.log_tail() if cluster else "")
+
+
+def assert_same_parameters(a: str, b: str) -> None:
+    pa, pb = fp32_state_dict(a), fp32_state_dict(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), f"parameter {k} differs"
+
+
+def test_two_cpu_ranks_to_a_checkpoint_and_exported_student(cluster, tmp_path, tiny_teacher, sample_data):
+    job, out, run_dir = submit(cluster, tmp_path, "d2", overrides(tiny_teacher, sample_data, "train.max_steps=2"),
+                               "--gpus-per-node=2")
+    (record,) = cluster.wait(job, timeout=300)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", show(out, cluster)
+    text = out.read_text()
+    assert "1 node(s) x 2 ranks" in text and "training step exited with status 0" in text, text
+    assert steps(run_dir) == [2]
+    assert json.loads((run_dir / "config.json").read_text())["world_size"] == 2
+    assert (tmp_path / "logs" / f"d2-{job}" / "hostfile").read_text() == "localhost slots=2\n"
+    from transformers import AutoModelForMaskedLM
+    model = AutoModelForMaskedLM.from_pretrained(run_dir / "student")
+    assert model.config.num_hidden_layers == 2
+
+
+def test_cpu_partition_runs_cpu_ranks(cluster, tmp_path, tiny_teacher, sample_data):
+    """No GPU in the allocation (--gpus-per-node=0): one CPU rank per node, not zero ranks and exit 0."""
+    job, out, run_dir = submit(cluster, tmp_path, "cpu", overrides(tiny_teacher, sample_data, "train.max_steps=1",
+                                                                   "checkpoint.export_hf=false"),
+                               "--gpus-per-node=0", env={"DS_ACCELERATOR": ""})
+    (record,) = cluster.wait(job, timeout=300)
+    assert record["JobState"] == "COMPLETED", show(out, cluster)
+    text = out.read_text()
+    assert "no GPU allocated: 1 CPU rank(s) per node (DS_ACCELERATOR=cpu" in text, text
+    assert steps(run_dir) == [1]
+    assert json.loads((run_dir / "config.json").read_text())["world_size"] == 1
