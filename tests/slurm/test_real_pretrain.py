@@ -20,7 +20,7 @@ from tests.training.conftest import FAST
 pytestmark = pytest.mark.integration
 
 # The cluster declares 16 CPUs and 8 count-only GPUs; DS_ACCELERATOR=cpu (job_env) makes every "GPU" a CPU rank.
-SBATCH = ["--nodes=1", "--cpus-per-task=2", "--time=10:00"]
+SBATCH = ["--nodes=1", "--cpus-per-task=2", "--gpus-per-node=2", "--time=10:00"]
 
 
 def overrides(teacher, data, *extra) -> list[str]:
@@ -81,3 +81,70 @@ def test_cpu_partition_runs_cpu_ranks(cluster, tmp_path, tiny_teacher, sample_da
     assert "no GPU allocated: 1 CPU rank(s) per node (DS_ACCELERATOR=cpu" in text, text
     assert steps(run_dir) == [1]
     assert json.loads((run_dir / "config.json").read_text())["world_size"] == 1
+
+
+def restarts(cluster, job) -> int:
+    return int(cluster.job(job).get("Restarts", 0))
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_parameters(cluster, tmp_path, tiny_teacher, sample_data):
+    """`scancel --signal=USR1 --batch`: once while the ranks are still starting (the signal must not be lost), once
+    mid-run. Each time: a checkpoint, `scontrol requeue`, the same job id starts again (SLURM_RESTART_COUNT 1, 2) and
+    resumes; the final parameters equal those of an uninterrupted job."""
+    total = 40
+    args = overrides(tiny_teacher, sample_data, f"train.max_steps={total}", "checkpoint.export_hf=false",
+                     "student.dropout=0.1")
+    ref, ref_out, ref_dir = submit(cluster, tmp_path, "ref", args)
+    job, out, run_dir = submit(cluster, tmp_path, "pre", args)
+
+    # 1. while starting: as soon as the batch script has begun
+    cluster.wait_for_text(out, r"restart 0: 1 node", job)
+    t0 = time.time()
+    cluster.cmd("scancel", "--signal=USR1", "--batch", job)
+    cluster.wait_for_text(out, r"SLURM job \d+ requeued", job)
+    stopped = re.search(r"stop requested \(SIGUSR1\) at step (\d+)", out.read_text())
+    assert stopped, show(out, cluster)
+    cluster.record_timing("usr1_at_start_to_requeue_s", time.time() - t0)
+    first = int(stopped.group(1))
+    assert steps(run_dir) == [first] and first < total
+
+    # 2. mid-run, in the requeued job (same id, restart 1), after it resumed and trained a few steps
+    cluster.wait_for_text(out, rf"restart 1: 1 node", job, timeout=120)
+    cluster.wait_for_text(out, rf"resumed from .*step{first:08d}: step {first},", job)
+    cluster.wait_for_text(out, rf"step {first + 3}/{total}", job)
+    t0 = time.time()
+    cluster.cmd("scancel", "--signal=USR1", "--batch", job)
+    cluster.wait_for_text(out, r"(?s)restart 1:.*SLURM job \d+ requeued", job)
+    cluster.record_timing("usr1_mid_run_to_requeue_s", time.time() - t0)
+    second = int(re.findall(r"stop requested \(SIGUSR1\) at step (\d+)", out.read_text())[-1])
+    assert first + 3 <= second < total, show(out)
+
+    (record,) = cluster.wait(job, timeout=300)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "2", show(out, cluster)
+    assert steps(run_dir)[-1] == total
+    text = out.read_text()
+    assert "restart 2: 1 node" in text and f"resumed from {run_dir}/checkpoints/step{second:08d}" in text, text
+    (ref_record,) = cluster.wait(ref, timeout=300)
+    assert ref_record["JobState"] == "COMPLETED", show(ref_out, cluster)
+    assert_same_parameters(f"{run_dir}/checkpoints/step{total:08d}", f"{ref_dir}/checkpoints/step{total:08d}")
+    # jobcomp/filetxt has one record per end of the job: two requeues, then the completion
+    ends = [r["JobState"] for r in cluster.jobcomp() if r.get("JobId") == job]
+    assert ends[-1] == "COMPLETED" and len(ends) == 3, ends
+
+
+def test_scancel_term_checkpoints_then_exits(cluster, tmp_path, tiny_teacher, sample_data):
+    """`scancel <job>`: SIGTERM to every process of the job, DataLoader workers included. The ranks checkpoint at
+    the next step boundary and exit; the job stays cancelled (no requeue)."""
+    job, out, run_dir = submit(cluster, tmp_path, "term", overrides(
+        tiny_teacher, sample_data, "train.max_steps=400", "checkpoint.export_hf=false", "data.num_workers=2"))
+    cluster.wait_for_text(out, r"step 3/400", job)
+    t0 = time.time()
+    cluster.cmd("scancel", job)
+    (record,) = cluster.wait(job, timeout=120)
+    cluster.record_timing("term_to_job_end_s", time.time() - t0)
+    text = out.read_text()
+    assert record["JobState"] == "CANCELLED" and record["Restarts"] == "0", show(out, cluster)
+    stopped = re.search(r"stop requested \(SIGTERM\) at step (\d+)", text)
+    assert stopped, show(out, cluster)
+    assert steps(run_dir) == [int(stopped.group(1))], show(out)
+    assert "requeued" not in text and "DataLoader worker" not in text, text
