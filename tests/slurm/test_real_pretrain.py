@@ -148,3 +148,24 @@ def test_scancel_term_checkpoints_then_exits(cluster, tmp_path, tiny_teacher, sa
     assert stopped, show(out, cluster)
     assert steps(run_dir) == [int(stopped.group(1))], show(out)
     assert "requeued" not in text and "DataLoader worker" not in text, text
+
+
+@pytest.mark.slow
+def test_time_limit_signal_checkpoints_requeues_and_finishes(cluster, tmp_path, tiny_teacher, sample_data):
+    """The real timer: `--time=2 --signal=B:USR1@60` makes SLURM send USR1 to the batch shell a minute before the
+    limit (slurmctld checks time limits every 30 s or so, so between 60 and 90 s before it). Each run checkpoints and
+    requeues itself before it is killed, the same job id resumes, until the run is done: the same parameters as an
+    uninterrupted job, and never a TIMEOUT."""
+    total = 150
+    args = overrides(tiny_teacher, sample_data, f"train.max_steps={total}", "checkpoint.export_hf=false")
+    ref, ref_out, ref_dir = submit(cluster, tmp_path, "tref", args)
+    job, out, run_dir = submit(cluster, tmp_path, "timer", args, "--time=2", "--signal=B:USR1@60")
+    (record,) = cluster.wait(job, timeout=1500)
+    text = out.read_text()
+    assert record["JobState"] == "COMPLETED", show(out, cluster)
+    n = int(record["Restarts"])
+    assert n >= 1 and text.count("SIGUSR1 received") == n, show(out)
+    assert len(re.findall(r"resumed from ", text)) == n
+    (ref_record,) = cluster.wait(ref, timeout=600)
+    assert ref_record["JobState"] == "COMPLETED", show(ref_out, cluster)
+    assert_same_parameters(f"{run_dir}/checkpoints/step{total:08d}", f"{ref_dir}/checkpoints/step{total:08d}")
