@@ -118,6 +118,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_parameters(cluster, t
     cluster.record_timing("usr1_mid_run_to_requeue_s", time.time() - t0)
     second = int(re.findall(r"stop requested \(SIGUSR1\) at step (\d+)", out.read_text())[-1])
     assert first + 3 <= second < total, show(out)
+    cluster.wait_for_text(out, r"(?s)restart 1:.*training step exited with status", job)
+    cluster.record_timing("usr1_mid_run_to_step_end_s", time.time() - t0)
 
     (record,) = cluster.wait(job, timeout=300)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "2", show(out, cluster)
@@ -127,6 +129,10 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_parameters(cluster, t
     (ref_record,) = cluster.wait(ref, timeout=300)
     assert ref_record["JobState"] == "COMPLETED", show(ref_out, cluster)
     assert_same_parameters(f"{run_dir}/checkpoints/step{total:08d}", f"{ref_dir}/checkpoints/step{total:08d}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step_times = sorted(r["throughput/step_time_s"] for r in rows if "throughput/step_time_s" in r)
+    cluster.record_timing("step_time_median_s", step_times[len(step_times) // 2])
+    cluster.record_timing("checkpoint_s", max(float(x) for x in re.findall(r"checkpoint \S+ \(([\d.]+) s\)", text)))
     # jobcomp/filetxt has one record per end of the job: two requeues, then the completion
     ends = [r["JobState"] for r in cluster.jobcomp() if r.get("JobId") == job]
     assert ends[-1] == "COMPLETED" and len(ends) == 3, ends
