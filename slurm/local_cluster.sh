@@ -166,7 +166,7 @@ stop() {
     # end the jobs first, so that no job step outlives the cluster
     SLURM_CONF="$dir/slurm.conf" scancel --full --user="$(id -un)" 2>/dev/null || true
     local i
-    for ((i = 0; i < 40; i++)); do
+    for ((i = 0; i < 80; i++)); do  # KillWait (30 s) and a margin
       [ -n "$(SLURM_CONF="$dir/slurm.conf" squeue -h -t R,CG -o %i 2>/dev/null)" ] || break
       sleep 0.5
     done
@@ -177,11 +177,14 @@ stop() {
   pkill_steps "$dir"
 }
 
-# slurmstepd processes of this cluster that are left (slurmd was killed while a job ran): by their spool folder.
+# slurmstepd processes of this cluster that are left (slurmd stopped while a job was ending): they carry this
+# cluster's SLURM_CONF in their environment.
 pkill_steps() {
   local dir=$1 pid
-  for pid in $(pgrep -x slurmstepd || true); do
-    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "$dir"; then kill -9 "$pid" 2>/dev/null || true; fi
+  for pid in $(pgrep slurmstepd || true); do
+    if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$dir/slurm.conf"; then
+      kill -9 "$pid" 2>/dev/null || true
+    fi
   done
 }
 
