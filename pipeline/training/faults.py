@@ -19,17 +19,29 @@ import traceback
 
 
 class StopFlags:
-    """Set by signal handlers on this rank; reduced across ranks with `agree`."""
+    """Set by signal handlers on this rank, or by a stop file; reduced across ranks with `agree`.
 
-    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+    The stop file (DISTIL_STOP_FILE, written by slurm/pretrain.sbatch when its batch shell gets USR1) counts as a
+    SIGUSR1. The batch shell passes the signal on this way rather than through srun, which would signal every
+    process of the step, helpers like a compiler or `scontrol` included. Only rank 0 looks (one stat per step, on
+    the batch shell's node, so no shared-file-system delay); `agree` tells the others."""
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM), stop_file: str | None = None):
         self.received: str | None = None
         self.requeue = False
+        self.stop_file = stop_file if stop_file is not None else os.environ.get("DISTIL_STOP_FILE") or None
+        if os.environ.get("RANK", "0") != "0":
+            self.stop_file = None
         self._previous = {}
         for s in signals:
             self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):  # async-signal context: set the flag, nothing else
         self.received = signal.Signals(signum).name
+
+    def _check_stop_file(self) -> None:
+        if self.received is None and self.stop_file and os.path.exists(self.stop_file):
+            self.received = "SIGUSR1"
 
     def agree(self, device, nonfinite=None) -> tuple[bool, bool]:
         """(stop, nonfinite): whether any rank was signalled, and whether any rank saw a non-finite loss this step
@@ -39,6 +51,7 @@ class StopFlags:
 
         from pipeline.training.distributed import all_reduce_sum
 
+        self._check_stop_file()
         t = torch.tensor([1.0 if self.received == "SIGUSR1" else 0.0,
                           1.0 if self.received and self.received != "SIGUSR1" else 0.0, 0.0], device=device)
         if nonfinite is not None:
