@@ -22,6 +22,7 @@
 # Settings (environment): CPUS, GPUS, REAL_MEMORY_MB, SLURMCTLD_PORT and SLURMD_PORT (default: free ports),
 # START_TIMEOUT_S (60).
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # the daemons live there, which a user's PATH often lacks
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
