@@ -43,14 +43,19 @@ def report_error(e: BaseException, dist) -> None:
 
 
 def main(argv=None) -> int:
+    # First of all, before torch is imported: SLURM's USR1 (time limit, preemption) or TERM (scancel) may come while
+    # the rank starts up. Until now the rank ignores them (pretrain.sbatch starts the launcher with both ignored);
+    # from here on they set a flag that the trainer reads at its first step boundary.
+    from pipeline.training.faults import StopFlags
+    stop_flags = StopFlags()
     from pipeline.logs import call_as_rank, enable_crash_traces, launcher_rank, setup_logging
 
     enable_crash_traces()
     setup_logging("pretrain")
-    return call_as_rank(launcher_rank(), _main, argv)
+    return call_as_rank(launcher_rank(), _main, argv, stop_flags)
 
 
-def _main(argv) -> int:
+def _main(argv, stop_flags) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     from pipeline.training.config import ConfigError, describe_fields, load_config
 
@@ -79,7 +84,8 @@ def _main(argv) -> int:
         dist = distributed.init_distributed()
         ds_path = args.deepspeed_config or os.path.join(DS_CONFIG_DIR, "zero2_bf16.json" if dist.on_gpu
                                                         else "zero2_fp32.json")
-        run(cfg, load_ds_config(ds_path), dist, resume=args.resume, ds_source=ds_path, command=sys.argv)
+        run(cfg, load_ds_config(ds_path), dist, resume=args.resume, ds_source=ds_path, command=sys.argv,
+            stop_flags=stop_flags)
         return 0
     except (ConfigError, DatasetError, TokenizerLoadError, ModelLoadError, FileNotFoundError, CheckpointDamaged) as e:
         report_error(e, dist)
@@ -93,6 +99,7 @@ def _main(argv) -> int:
         return 1
     finally:
         distributed.destroy()
+        stop_flags.restore()
 
 
 if __name__ == "__main__":

@@ -24,16 +24,20 @@
 # Settings (environment, with defaults): JOB_NAME (distil: the pretrain job's name, and the default run dir),
 #   SBATCH_ARGS (options for every job, e.g. "--account=X --partition=gpu"; split on spaces),
 #   PREPARE_SBATCH_ARGS, PRETRAIN_SBATCH_ARGS, EXPORT_SBATCH_ARGS (options for one stage, e.g. PRETRAIN_SBATCH_ARGS=
-#   "--time=48:00:00 --gpus-per-node=4"), EXPORT_DIR ($RUN_DIR/export), EVAL_TEACHER (the teacher.name_or_path
+#   "--time=48:00:00 --gpus-per-node=4"; they come after this script's defaults, so they win), LOG_DIR (logs: every
+#   job's .out file, and pretrain.sbatch's per-job folder), EXPORT_DIR ($RUN_DIR/export), EVAL_TEACHER (the teacher.name_or_path
 #   override if given, else bert-base-uncased for the distilbert_base recipe, else none), PYTHON (python; VENV/bin/python
 #   if VENV is set). Everything else in the environment (RECIPE, DS_CONFIG, VENV, NCCL_*, ...) reaches the jobs
 #   (sbatch --export=ALL); see slurm/pretrain.sbatch for its settings.
+# A failed preparation task: fix the cause, then `bash slurm/requeue_prepare.sh <array id> <task>`; the chain goes on.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
 JOB_NAME=${JOB_NAME:-distil}
+LOG_DIR=${LOG_DIR:-logs}
+export LOG_DIR
 data="" run_dir="" nodes=2 array=0-15 prepare_args="" eval_args="" skip_prepare=0 dry_run=0
 while [ $# -gt 0 ]; do
   case $1 in
@@ -84,7 +88,14 @@ eval_cmd=("$PYTHON" launch/evaluate.py --data "$data" --output "$export_dir/eval
 if [ -n "$teacher" ] && [ "$teacher" != null ]; then eval_cmd+=(--teacher "$teacher"); fi
 if [ -n "$seq_len" ]; then eval_cmd+=(--seq-len "$seq_len"); fi
 eval_cmd+=("${evaluate[@]}" "$export_dir")
-wrap="set -euo pipefail; $(printf '%q ' "$PYTHON" launch/export.py "$run_dir" "$export_dir"); $(printf '%q ' "${eval_cmd[@]}")"
+# sbatch --wrap runs its command under /bin/sh (dash on Debian and Ubuntu): POSIX only, so no pipefail and no
+# bash quoting ($'...' from printf %q); each word in single quotes.
+shquote() {
+  local a out=""
+  for a in "$@"; do out+="'${a//\'/\'\\\'\'}' "; done
+  printf '%s' "$out"
+}
+wrap="set -eu; $(shquote "$PYTHON" launch/export.py "$run_dir" "$export_dir"); $(shquote "${eval_cmd[@]}")"
 
 # submit NAME ARGS...: sbatch --parsable ARGS, the job id on stdout (with --dry-run: the command on stderr, and
 # <NAME> as the id).
@@ -104,22 +115,24 @@ submit() {
   echo "${out%%;*}"  # "jobid;cluster" on federated setups
 }
 # A dry run prints the commands on stdout (each submit's stderr), the ids go to the variables.
-if [ "$dry_run" = 1 ]; then exec 2>&1; else mkdir -p logs; fi
+if [ "$dry_run" = 1 ]; then exec 2>&1; else mkdir -p "$LOG_DIR"; fi
 
 after=()
 if [ "$skip_prepare" = 0 ]; then
-  jid_prepare=$(submit prepare "${sbatch_all[@]}" "${sbatch_prepare[@]}" --array="$array" slurm/prepare_data.sbatch \
-    --output "$data" "${prepare[@]}")
-  jid_join=$(submit join "${sbatch_all[@]}" "${sbatch_prepare[@]}" --job-name=prepare-join --cpus-per-task=4 \
-    --dependency=afterok:"$jid_prepare" slurm/prepare_data.sbatch join "$data")
+  # This script's defaults first, the user's options after them: sbatch takes the last value of an option.
+  jid_prepare=$(submit prepare --output="$LOG_DIR/%x-%A_%a.out" "${sbatch_all[@]}" "${sbatch_prepare[@]}" \
+    --array="$array" slurm/prepare_data.sbatch --output "$data" "${prepare[@]}")
+  jid_join=$(submit join --job-name=prepare-join --cpus-per-task=4 --output="$LOG_DIR/%x-%j.out" "${sbatch_all[@]}" \
+    "${sbatch_prepare[@]}" --dependency=afterok:"$jid_prepare" slurm/prepare_data.sbatch join "$data")
   after=(--dependency=afterok:"$jid_join")
   echo "prepare: array $jid_prepare (tasks $array) -> join/validate $jid_join -> $data"
 fi
-jid_train=$(submit pretrain "${sbatch_all[@]}" "${sbatch_pretrain[@]}" --job-name="$JOB_NAME" --nodes="$nodes" \
-  --export=ALL,DATA="$data",RUN_DIR="$run_dir" "${after[@]}" slurm/pretrain.sbatch "${overrides[@]}")
-echo "pretrain: $jid_train ($nodes nodes) -> $run_dir (logs/$JOB_NAME-$jid_train.out)"
-jid_export=$(submit export "${sbatch_all[@]}" --job-name="$JOB_NAME-export" --nodes=1 --ntasks=1 --gpus-per-node=1 \
-  --cpus-per-task=8 --time=01:00:00 --output="logs/%x-%j.out" "${sbatch_export[@]}" \
+jid_train=$(submit pretrain --output="$LOG_DIR/%x-%j.out" "${sbatch_all[@]}" "${sbatch_pretrain[@]}" \
+  --job-name="$JOB_NAME" --nodes="$nodes" --export=ALL,DATA="$data",RUN_DIR="$run_dir" "${after[@]}" \
+  slurm/pretrain.sbatch "${overrides[@]}")
+echo "pretrain: $jid_train ($nodes nodes) -> $run_dir ($LOG_DIR/$JOB_NAME-$jid_train.out)"
+jid_export=$(submit export --job-name="$JOB_NAME-export" --nodes=1 --ntasks=1 --gpus-per-node=1 --cpus-per-task=8 \
+  --time=01:00:00 --output="$LOG_DIR/%x-%j.out" "${sbatch_all[@]}" "${sbatch_export[@]}" \
   --dependency=afterok:"$jid_train" --wrap="$wrap")
 echo "export/evaluate: $jid_export -> $export_dir, $export_dir/eval.json"
 if [ -n "${GLUE_TASKS:-}" ]; then  # GLUE_TASKS itself reaches the job through --export=ALL

@@ -11,6 +11,10 @@ the very same stream: no sample skipped or repeated, every mask the same.
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401  (its exit handler must be registered before ours, so ours runs first)
+import os
+import signal
 from collections import OrderedDict
 from typing import Iterator
 
@@ -110,6 +114,43 @@ class _Collate:
         return batch
 
 
+_parent_exiting = None  # a flag in shared memory, set in the training process at exit
+
+
+def _mark_parent_exiting() -> None:
+    _parent_exiting.value = 1
+
+
+def _worker_signals(worker_id: int) -> None:
+    """worker_init_fn: the worker survives SLURM's USR1 and TERM, which slurmstepd sends to every process of the job
+    (scancel, time limit, preemption, node shutdown). The training process handles them at its next step boundary
+    and needs its workers' batches to get there; a worker killed by TERM instead makes the DataLoader raise in the
+    training process ("DataLoader worker ... is killed by signal: Terminated") and the rank fails without a
+    checkpoint. The worker still ends when the loader shuts down or its process exits (torch's worker loop watches
+    both), and on a TERM once the training process is exiting (multiprocessing terminates its daemonic children at
+    exit, then waits for them)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_on_term)
+
+
+def _worker_on_term(signum, frame) -> None:
+    if _parent_exiting is not None and _parent_exiting.value:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _shared_exit_flag():
+    """Created once per process, before the first workers fork (they inherit it), with an exit handler that runs
+    before multiprocessing's."""
+    global _parent_exiting
+    if _parent_exiting is None:
+        import multiprocessing
+
+        _parent_exiting = multiprocessing.RawValue("b", 0)
+        atexit.register(_mark_parent_exiting)
+    return _parent_exiting
+
+
 class _StepSampler:
     """This rank's micro-batches of positions, step after step from `start`, forever."""
 
@@ -169,11 +210,14 @@ class TrainStream:
 
     def loader(self) -> DataLoader:
         workers = self.num_workers
+        if workers:
+            _shared_exit_flag()
         return DataLoader(
             _ShuffledPositions(self.sequences, self.seed),
             batch_sampler=_StepSampler(self.start, self.global_batch, self.micro_batch, self.world_size, self.rank),
             collate_fn=_Collate(self.masker), num_workers=workers, pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False)
+            prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False,
+            worker_init_fn=_worker_signals if workers else None)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self.loader())

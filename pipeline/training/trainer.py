@@ -76,8 +76,10 @@ class Trainer:
     """One distillation run. `fit` runs the steps in order; each step keeps what it builds on `self`."""
 
     def __init__(self, cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, ds_source: str = "ds_config",
-                 command: list[str] | None = None):
+                 command: list[str] | None = None, stop_flags: StopFlags | None = None):
         self.cfg, self.dist, self.command = cfg, dist, command or sys.argv
+        # launch/pretrain.py installs the signal handlers at start-up, so that a signal during set-up is kept
+        self.stop_flags = stop_flags if stop_flags is not None else StopFlags()
         self.plan = plan_batch(cfg, dist.world_size)
         self.ds = finalize_ds_config(ds_raw, cfg, self.plan, on_gpu=dist.on_gpu, source=ds_source)
         self.precision, self.zero_stage = precision(self.ds), zero_stage(self.ds)
@@ -320,7 +322,6 @@ class Trainer:
         self.sample_log = open(os.path.join(self.run_dir, f"samples.rank{dist.rank}.jsonl"), "a") \
             if cfg.logging.sample_ids else None
         self.counters = Counters(dist.device)
-        self.stop_flags = StopFlags()
         self.watchdog = StallWatchdog(cfg.train.stall_timeout_s, dist.rank, self.run_dir).start(self.step)
         self.bar = None
         if dist.is_main and cfg.logging.progress:
@@ -461,6 +462,6 @@ class Trainer:
 
 
 def run(cfg: RunConfig, ds_raw: dict, dist: DistInfo, *, resume: str = "auto", ds_source: str = "ds_config",
-        command: list[str] | None = None) -> dict:
+        command: list[str] | None = None, stop_flags: StopFlags | None = None) -> dict:
     """Train; returns the final held-out evaluation (rank 0) or {}."""
-    return Trainer(cfg, ds_raw, dist, ds_source=ds_source, command=command).fit(resume)
+    return Trainer(cfg, ds_raw, dist, ds_source=ds_source, command=command, stop_flags=stop_flags).fit(resume)
