@@ -108,7 +108,8 @@ def stale_build_lock(op: str = "deepspeed_shm_comm", max_age_s: float = 900.0) -
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    for lock in glob.glob(os.path.join(root, "*", op, "lock")):
+    # TORCH_EXTENSIONS_DIR holds the op folders itself; torch's default root has a folder per Python/CUDA version
+    for lock in glob.glob(os.path.join(root, op, "lock")) + glob.glob(os.path.join(root, "*", op, "lock")):
         try:
             if time.time() - os.path.getmtime(lock) > max_age_s:
                 return lock
