@@ -86,7 +86,7 @@ class Trainer:
         self.run_dir = os.path.abspath(cfg.run_dir)
         self.student_init = os.path.join(self.run_dir, "student_init")
         self.step, self.samples = 0, 0  # optimizer steps done, training sequences consumed
-        self.resume_from, self.universal = None, False
+        self.resume_from, self.resume_state, self.universal = None, None, False
         self.last_eval: dict = {}
 
     def fit(self, resume: str = "auto") -> dict:
@@ -106,8 +106,9 @@ class Trainer:
         """The checkpoint to resume from, chosen before the engine: another world size needs DeepSpeed's universal
         loader, which is a setting of `deepspeed.initialize`."""
         self.resume_from = ckpt_lib.choose_resume(self.run_dir, resume, self.dist.is_main)  # damaged ones skipped
+        self.resume_state = ckpt_lib.read_state(self.resume_from) if self.resume_from else None
         if self.resume_from:
-            prev = ckpt_lib.read_state(self.resume_from)
+            prev = self.resume_state
             if prev["world_size"] != self.dist.world_size and prev.get("zero_stage", 0) > 0:
                 self.universal = True
                 self.ds.setdefault("checkpoint", {})["load_universal"] = True
@@ -148,6 +149,11 @@ class Trainer:
                                               f"tokens is fewer than one global batch ({self.plan.global_size}); "
                                               f"lower batch.global_size"])
         self.total_steps = total_steps_for(cfg, len(self.data.sequences), self.plan.global_size)
+        if self.resume_state and self.resume_state["total_steps"] != self.total_steps:
+            # before the scheduler is built: its learning-rate curve is a function of the total, not saved state
+            log.info(f"note: total steps {self.resume_state['total_steps']} from the checkpoint kept (the config "
+                     f"gives {self.total_steps})")
+            self.total_steps = self.resume_state["total_steps"]
 
     def _sequences(self, split):
         from pipeline.data.sequences import SequenceDataset
@@ -276,10 +282,6 @@ class Trainer:
             ckpt_lib.prepare_universal(self.resume_from, self.dist.rank)
         state = ckpt_lib.load(self.engine, self.resume_from, self.dist.rank, universal=self.universal)
         self.step, self.samples = state["step"], state["samples"]
-        if state["total_steps"] != self.total_steps:
-            log.info(f"note: total steps {state['total_steps']} from the checkpoint kept (the config gives "
-                     f"{self.total_steps})")
-            self.total_steps = state["total_steps"]
         log.info(f"resumed from {self.resume_from}: step {self.step}, {self.samples} samples"
                  + (f" (world size {state['world_size']} -> {self.dist.world_size}, universal checkpoint)"
                     if self.universal else ""))

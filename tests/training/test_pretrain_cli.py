@@ -86,3 +86,18 @@ def test_compiled_run_matches_the_eager_run(tmp_path, tiny_teacher, sample_data)
     eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
     for step in (1, 2):
         assert compiled[step]["loss/total"] == pytest.approx(eager[step]["loss/total"], rel=1e-4)
+
+
+def test_resume_keeps_the_checkpoints_schedule_when_the_config_changes_max_steps(tmp_path, tiny_teacher, sample_data):
+    """The checkpoint's total steps win (the log says so), and the learning rate follows that schedule: the steps
+    after the resume have the learning rates of a run that went through with the checkpoint's total."""
+    through, resumed = tmp_path / "through", tmp_path / "resumed"
+    pretrain(through, tiny_teacher, sample_data, "train.max_steps=6", ranks=None, launcher="python")
+    pretrain(resumed, tiny_teacher, sample_data, "train.max_steps=6", "train.stop_at_step=3",
+             "checkpoint.every_steps=3", ranks=None, launcher="python")
+    proc = pretrain(resumed, tiny_teacher, sample_data, "train.max_steps=12", ranks=None, launcher="python")
+    assert "total steps 6 from the checkpoint kept" in proc.stdout + proc.stderr
+    expected, got = metrics(through), metrics(resumed)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert got[step]["train/lr"] == pytest.approx(expected[step]["train/lr"], rel=1e-9), step
