@@ -27,6 +27,15 @@ def clean_docs(texts: list[str]) -> list[str]:
     return ["\n".join(line for line in t.split("\n") if line.strip()) for t in texts]
 
 
+def write_text_and_jsonl(d, docs: list[str]) -> list[str]:
+    """docs[:120] as paragraphs in a.txt and docs[120:200] as JSON Lines in b.jsonl: an input of two formats."""
+    write_text_docs(d / "a.txt", docs[:120])
+    with open(d / "b.jsonl", "w") as f:
+        for t in docs[120:200]:
+            f.write(json.dumps({"text": t}) + "\n")
+    return [str(d / "a.txt"), str(d / "b.jsonl")]
+
+
 def snapshot(out) -> dict:
     files = {}
     for sub in ("train", "valid", "counts"):
@@ -46,13 +55,10 @@ def snapshot(out) -> dict:
 def inputs(tmp_path_factory, sample_texts) -> list[str]:
     d = tmp_path_factory.mktemp("array-in")
     docs = clean_docs(sample_texts)
-    write_text_docs(d / "a.txt", docs[:120])
-    with open(d / "b.jsonl", "w") as f:
-        for t in docs[120:200]:
-            f.write(json.dumps({"text": t}) + "\n")
+    two_formats = write_text_and_jsonl(d, docs)
     for k in range(3):
         write_text_docs(d / f"small{k}.txt", docs[200 + 10 * k:210 + 10 * k], mode="lines")
-    return [str(d / "a.txt"), str(d / "b.jsonl"), str(d / "small*.txt")]
+    return [*two_formats, str(d / "small*.txt")]
 
 
 @pytest.fixture(scope="module")

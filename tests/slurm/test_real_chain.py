@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.data_prep.prepare import PrepareConfig, prepare
-from tests.conftest import ROOT, write_text_docs
-from tests.data_prep.test_slurm_array import clean_docs, snapshot
+from tests.conftest import ROOT
+from tests.data_prep.test_slurm_array import clean_docs, snapshot, write_text_and_jsonl
 from tests.training.conftest import FAST
 
 pytestmark = pytest.mark.integration
@@ -25,12 +25,7 @@ UNIT_MB = 0.03
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, sample_texts) -> list[str]:
     d = tmp_path_factory.mktemp("corpus")
-    docs = clean_docs(sample_texts)
-    write_text_docs(d / "a.txt", docs[:120])
-    with open(d / "b.jsonl", "w") as f:
-        for t in docs[120:200]:
-            f.write(json.dumps({"text": t}) + "\n")
-    return [str(d / "a.txt"), str(d / "b.jsonl")]
+    return write_text_and_jsonl(d, clean_docs(sample_texts))
 
 
 def prepare_args(corpus, wordpiece_dir) -> list[str]:
