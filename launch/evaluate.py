@@ -33,9 +33,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from pipeline.data.prepared import DatasetError
-    from pipeline.data_prep.tokenizer import TokenizerLoadError
     from pipeline.evaluation.mlm_eval import evaluate_models
     from pipeline.models import ModelLoadError
+    from pipeline.tokenization import TokenizerLoadError
 
     try:
         t0 = time.time()

@@ -22,12 +22,12 @@ import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.data.prepared import DatasetError  # noqa: E402
+from pipeline.data.validate import inspect, validate  # noqa: E402
 from pipeline.data_prep.prepare import PrepareConfig, PrepareError, array_task_from_env, join, prepare  # noqa: E402
 from pipeline.data_prep.sources import PlanError  # noqa: E402
-from pipeline.data_prep.tokenizer import TokenizerLoadError  # noqa: E402
-from pipeline.data_prep.validate import inspect, validate  # noqa: E402
-from pipeline.settings import ConfigError  # noqa: E402
 from pipeline.resources import SAMPLE_CORPUS  # noqa: E402
+from pipeline.settings import ConfigError  # noqa: E402
+from pipeline.tokenization import TokenizerLoadError  # noqa: E402
 
 COMMANDS = ("prepare", "join", "validate", "inspect")
 SHORT = {"inputs": ["-i"], "output": ["-o"], "workers": ["-j"]}

@@ -71,11 +71,11 @@ def _main(argv, stop_flags) -> int:
     hf_logging.disable_progress_bar()  # per-file loading bars from every rank drown the log
     hf_logging.set_verbosity_error()
     from pipeline.data.prepared import DatasetError
-    from pipeline.data_prep.tokenizer import TokenizerLoadError
     from pipeline.models import ModelLoadError
+    from pipeline.tokenization import TokenizerLoadError
     from pipeline.training import distributed
-    from pipeline.training.ds_config import DS_CONFIG_DIR, load_ds_config
     from pipeline.training.checkpoint import CheckpointDamaged, CheckpointError
+    from pipeline.training.ds_config import DS_CONFIG_DIR, load_ds_config
     from pipeline.training.trainer import run
 
     dist = None

@@ -75,7 +75,7 @@ class PreparedDataset:
     def check_tokenizer(self, tokenizer) -> None:
         """Raise unless `tokenizer` (a name/path, a loaded HF tokenizer, a TextTokenizer, or a fingerprint
         string) is the one the dataset was made with."""
-        from pipeline.data_prep.tokenizer import TextTokenizer, load_tokenizer
+        from pipeline.tokenization import TextTokenizer, load_tokenizer
 
         if isinstance(tokenizer, str) and len(tokenizer) == 64 and all(c in "0123456789abcdef" for c in tokenizer):
             fingerprint, name = tokenizer, "the given fingerprint"

@@ -16,12 +16,13 @@ import time
 
 from pipeline import shards as fmt
 from pipeline.settings import check
+from pipeline.tokenization import single_threaded
 
 from .config import PrepareConfig, PrepareError, array_task_from_env
 from .join import join, log_summary, task_summary
 from .plan import ensure_plan, make_plan
 from .readers import BadFileError
-from .tokenizer import PrepTokenizer, load_prep_tokenizer, single_threaded
+from .tokenizer import PrepTokenizer, load_prep_tokenizer
 from .unit import UnitWorker
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,12 @@ import numpy as np
 
 from pipeline import shards as fmt
 from pipeline.fileio import atomic_write
+from pipeline.tokenization import Encoder
 
 from .cleaning import CleanConfig, clean, decode
 from .readers import BadFileError, PieceStats, describe_location, iter_piece
 from .sources import Source
-from .tokenizer import Encoder, flat_ids
+from .tokenizer import flat_ids
 
 MAX_BAD_RECORDS_PER_UNIT = 100
 BATCH_DOCS, BATCH_CHARS = 1024, 1 << 20  # a batch goes to the tokenizer once it has this many documents or chars

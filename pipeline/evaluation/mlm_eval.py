@@ -7,8 +7,8 @@ from pipeline.data import PreparedDataset
 from pipeline.data.loader import EvalBatches
 from pipeline.data.masking import Masker
 from pipeline.data.sequences import SequenceDataset
-from pipeline.data_prep.tokenizer import load_tokenizer
 from pipeline.models import load_teacher
+from pipeline.tokenization import load_tokenizer
 from pipeline.training.config import LossConfig
 from pipeline.training.evaluate import evaluate
 

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from pipeline.data.loader import EvalBatches
     from pipeline.data.masking import Masker
     from pipeline.data.sequences import SequenceDataset
-    from pipeline.data_prep.tokenizer import TextTokenizer
+    from pipeline.tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Trainer:
         from pipeline.data import PreparedDataset
         from pipeline.data.masking import Masker, word_starts
         from pipeline.data.verify import open_splits
-        from pipeline.data_prep.tokenizer import load_tokenizer
+        from pipeline.tokenization import load_tokenizer
 
         cfg, dist = self.cfg, self.dist
         train = PreparedDataset(cfg.data.path, cfg.data.train_split, verify="none")  # its manifest names the tokenizer

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.data.prepared import DatasetError, PreparedDataset
 from pipeline.data_prep.prepare import PrepareConfig, prepare
-from pipeline.data_prep.tokenizer import load_tokenizer
+from pipeline.tokenization import load_tokenizer
 from tests.conftest import write_text_docs
 
 

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from pipeline.data.prepared import PreparedDataset
+from pipeline.data.validate import validate
 from pipeline.data_prep import readers
 from pipeline.data_prep.cleaning import CleanConfig, clean, decode, split_long
 from pipeline.data_prep.prepare import PrepareConfig, PrepareError, prepare
 from pipeline.data_prep.readers import BadFileError
 from pipeline.data_prep.sources import PlanError, parse_spec, plan_pieces
-from pipeline.data_prep.tokenizer import _PROBES, Encoder, load_tokenizer
-from pipeline.data_prep.validate import validate
+from pipeline.tokenization import PROBES, Encoder, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_cleaned_texts_reach_the_tokenizer_exactly(bad_corpus, tmp_path, wordpie
     real = Encoder.__call__
 
     def spy(self, texts):
-        if list(texts) != list(_PROBES):  # the tokenizer's fingerprint encodes these
+        if list(texts) != list(PROBES):  # the tokenizer's fingerprint encodes these
             seen.extend(texts)
         return real(self, texts)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.data.prepared import DatasetError, PreparedDataset
+from pipeline.data.validate import validate
 from pipeline.data_prep.prepare import PrepareConfig, prepare
-from pipeline.data_prep.validate import validate
 from tests.conftest import run_cli, write_text_docs
 
 

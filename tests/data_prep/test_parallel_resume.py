@@ -16,14 +16,13 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.data.prepared import PreparedDataset
 from pipeline import shards as fmt
+from pipeline.data.prepared import PreparedDataset
+from pipeline.data.validate import validate
 from pipeline.data_prep.prepare import PrepareConfig, PrepareError, prepare
 from pipeline.data_prep.readers import PieceStats, read_jsonl_range, read_text_range
-from pipeline.data_prep.tokenizer import load_tokenizer
-from pipeline.data_prep.validate import validate
+from pipeline.tokenization import load_tokenizer
 from tests.conftest import ROOT, run_cli, write_text_docs
-
 
 # -- helpers -------------------------------------------------------------------------------------------------
 

@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.data.prepared import DatasetError, PreparedDataset
 from pipeline import shards as fmt
+from pipeline.data.prepared import DatasetError, PreparedDataset
 from pipeline.data_prep.prepare import PrepareConfig, prepare
-from pipeline.data_prep.tokenizer import load_tokenizer, token_dtype
+from pipeline.tokenization import load_tokenizer, token_dtype
 from tests.conftest import write_text_docs
 
 UNIT_MB = 0.05  # ~52 KB: the ~140 KB inputs below are cut into 3 byte ranges each

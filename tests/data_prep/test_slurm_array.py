@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from pipeline.data.prepared import DatasetError, PreparedDataset
 from pipeline import shards as fmt
+from pipeline.data.prepared import DatasetError, PreparedDataset
+from pipeline.data.validate import validate
 from pipeline.data_prep.prepare import PrepareConfig, PrepareError, array_task_from_env, prepare
-from pipeline.data_prep.validate import validate
 from tests.conftest import ROOT, run_cli, write_text_docs
 
 UNIT_MB = 0.03

@@ -22,7 +22,7 @@ from pipeline.data_prep import readers
 from pipeline.data_prep.prepare import PrepareConfig, make_plan, prepare
 from pipeline.data_prep.readers import PieceStats, read_jsonl_range, read_text_range
 from pipeline.data_prep.sources import PlanError, Source, auto_unit_bytes, group_units, parse_spec, plan_pieces
-from pipeline.data_prep.tokenizer import load_tokenizer
+from pipeline.tokenization import load_tokenizer
 
 MiB = 1 << 20
 

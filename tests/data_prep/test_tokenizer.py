@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.data_prep.tokenizer import _PROBES, flat_ids, load_prep_tokenizer, load_tokenizer
+from pipeline.data_prep.tokenizer import flat_ids, load_prep_tokenizer
+from pipeline.tokenization import PROBES, load_tokenizer
 from tests.conftest import ROOT
 
 TEXTS = ["Hello, World! naïve CAFÉ", "日本語 emoji 🙂 [MASK] don't", "unbelievably  spaced\ttext\n"]
@@ -43,8 +44,8 @@ def test_encoder_equals_the_transformers_tokenizer_and_survives_pickling(wordpie
     hf = AutoTokenizer.from_pretrained(wordpiece_dir)
     tok = load_tokenizer(wordpiece_dir)
     assert tok.encoder.kind == "fast"
-    want = hf(TEXTS + list(_PROBES), add_special_tokens=False)["input_ids"]
-    assert tok.encode_batch(TEXTS + list(_PROBES)) == want
+    want = hf(TEXTS + list(PROBES), add_special_tokens=False)["input_ids"]
+    assert tok.encode_batch(TEXTS + list(PROBES)) == want
     assert pickle.loads(pickle.dumps(tok.encoder))(TEXTS) == want[:len(TEXTS)]
     sp = load_tokenizer(sentencepiece_model)
     assert pickle.loads(pickle.dumps(sp.encoder))(TEXTS) == sp.encode_batch(TEXTS)

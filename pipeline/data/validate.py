@@ -6,7 +6,8 @@ import os
 import numpy as np
 
 from pipeline import shards as fmt
-from pipeline.data.prepared import DatasetError, PreparedDataset
+
+from .prepared import DatasetError, PreparedDataset
 
 
 def validate(path: str, full: bool = True) -> list[str]:
@@ -64,7 +65,7 @@ def length_histogram(lengths: np.ndarray, width: int = 40) -> list[str]:
 def inspect(path: str, samples: int = 3, seed: int = 0, tokenizer: str | None = None,
             max_chars: int = 400) -> str:
     """A readable report: totals, stats, length histograms and a few random documents decoded to text."""
-    from .tokenizer import load_tokenizer
+    from pipeline.tokenization import load_tokenizer
 
     train = PreparedDataset(path, "train", verify="size")
     valid = PreparedDataset(path, "valid", verify="size")
