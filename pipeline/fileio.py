@@ -61,25 +61,52 @@ def atomic_write(path: str, mode: str = "wb", exclusive: bool = False) -> Iterat
     fsync_dir(folder)
 
 
+def new_hash(name: str):
+    """A running hash by name: "xxh3_128" (xxhash, a dependency of datasets: damage detection at memory speed) or any
+    hashlib name ("sha256")."""
+    if name == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    return hashlib.new(name)
+
+
 class HashingWriter:
-    """Wraps a binary file: every write also goes into a running sha256 and a byte count, so a file's
-    checksum is known when it is closed, without reading it back."""
+    """Wraps a binary file: every write also goes into a running hash and a byte count, so a file's checksum is known
+    when it is closed, without reading it back. Keeps the first OSError of the real file (torch.save, writing through
+    it, reports a full disk as a RuntimeError without the OS error)."""
 
-    def __init__(self, f: IO[bytes]):
+    def __init__(self, f: IO[bytes], algorithm: str = "sha256"):
         self._f = f
-        self.sha256 = hashlib.sha256()
+        self.algorithm = algorithm
+        self._hash = new_hash(algorithm)
         self.nbytes = 0
+        self.os_error: OSError | None = None
 
-    def write(self, data) -> None:
-        view = memoryview(data)
-        self._f.write(view)
-        self.sha256.update(view)
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            written = self._f.write(view)
+        except OSError as e:
+            self.os_error = self.os_error or e
+            raise
+        self._hash.update(view)
         self.nbytes += view.nbytes
+        return written
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def digest(self) -> dict:
+        """{"bytes": size, <algorithm>: hex digest}, the form manifests record."""
+        return {"bytes": self.nbytes, self.algorithm: self._hash.hexdigest()}
 
 
-def sha256_file(path: str, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str, algorithm: str = "sha256", bufsize: int = 1 << 22) -> dict:
+    """{"bytes": size, <algorithm>: hex digest} of a file, read in 4 MiB blocks."""
+    h, n = new_hash(algorithm), 0
     with open(path, "rb") as f:
         while block := f.read(bufsize):
             h.update(block)
-    return h.hexdigest()
+            n += len(block)
+    return {"bytes": n, algorithm: h.hexdigest()}

@@ -22,14 +22,14 @@ import os
 
 import numpy as np
 
-from pipeline.fileio import TMP_MARK, HashingWriter, atomic_write, sha256_file
+from pipeline.fileio import TMP_MARK, HashingWriter, atomic_write, file_digest
 
 FORMAT_VERSION = 1
 INDEX_DTYPE = np.dtype("<i8")
 SPLITS = ("train", "valid")
 
-__all__ = ["FORMAT_VERSION", "INDEX_DTYPE", "SPLITS", "TMP_MARK", "ShardWriter", "check_files", "remove_stale_tmp",
-           "sha256_file", "unit_name", "unit_paths"]
+__all__ = ["FORMAT_VERSION", "INDEX_DTYPE", "SPLITS", "TMP_MARK", "ShardWriter", "check_file", "check_files",
+           "remove_stale_tmp", "unit_name", "unit_paths"]
 
 
 def unit_name(unit_id: int) -> str:
@@ -73,31 +73,32 @@ class ShardWriter:
     def commit(self) -> dict:
         self._files.close()
         return {"bin": self.bin_rel, "idx": self.idx_rel, "docs": self.n_docs, "tokens": self.n_tokens,
-                "bin_bytes": self.bin.nbytes, "bin_sha256": self.bin.sha256.hexdigest(),
-                "idx_bytes": self.idx.nbytes, "idx_sha256": self.idx.sha256.hexdigest()}
+                "bin_bytes": self.bin.nbytes, "bin_sha256": self.bin.digest()["sha256"],
+                "idx_bytes": self.idx.nbytes, "idx_sha256": self.idx.digest()["sha256"]}
 
     def abort(self) -> None:
         error = RuntimeError("shard writer aborted")
         self._files.__exit__(type(error), error, None)  # atomic_write removes its temporary file on an error
 
 
+def check_file(root: str, rel: str, size: int, sha256: str, full: bool) -> str | None:
+    """What is wrong with one recorded file (missing, wrong size, or (full) wrong sha256), or None."""
+    path = os.path.join(root, rel)
+    if not os.path.exists(path):
+        return f"{rel}: missing"
+    if os.path.getsize(path) != size:
+        return f"{rel}: {os.path.getsize(path)} bytes, expected {size} (truncated or replaced)"
+    if full and file_digest(path)["sha256"] != sha256:
+        return f"{rel}: checksum mismatch (corrupted)"
+    return None
+
+
 def check_files(root: str, record: dict, full: bool) -> list[str]:
-    """Problems with a unit's files against its record: missing, wrong size, or (full) wrong sha256."""
-    files = []
-    for s in SPLITS:
-        sp = record["splits"][s]
-        files += [(sp["bin"], sp["bin_bytes"], sp["bin_sha256"]), (sp["idx"], sp["idx_bytes"], sp["idx_sha256"])]
+    """Problems with a unit's files against its record (`check_file` of each)."""
+    files = [(split[kind], split[f"{kind}_bytes"], split[f"{kind}_sha256"])
+             for split in (record["splits"][s] for s in SPLITS) for kind in ("bin", "idx")]
     files.append((record["counts"]["file"], record["counts"]["bytes"], record["counts"]["sha256"]))
-    problems = []
-    for rel, size, digest in files:
-        path = os.path.join(root, rel)
-        if not os.path.exists(path):
-            problems.append(f"{rel}: missing")
-        elif os.path.getsize(path) != size:
-            problems.append(f"{rel}: {os.path.getsize(path)} bytes, expected {size} (truncated or overwritten)")
-        elif full and sha256_file(path) != digest:
-            problems.append(f"{rel}: sha256 mismatch (corrupted)")
-    return problems
+    return [p for rel, size, digest in files if (p := check_file(root, rel, size, digest, full))]
 
 
 def remove_stale_tmp(root: str, unit_ids) -> int:

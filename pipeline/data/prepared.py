@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline import shards as fmt
+from pipeline.fileio import file_digest
 
 
 class DatasetError(ValueError):
@@ -109,16 +110,8 @@ class PreparedDataset:
         """Problems found: file sizes, index bounds and order, and (full) sha256 of every file."""
         problems = []
         for s in self.shards:
-            for kind, itemsize in (("bin", self.dtype.itemsize), ("idx", 8)):
-                p = os.path.join(self.path, s[kind])
-                if not os.path.exists(p):
-                    problems.append(f"{s[kind]}: missing")
-                    continue
-                size = os.path.getsize(p)
-                if size != s[f"{kind}_bytes"]:
-                    problems.append(f"{s[kind]}: {size} bytes, expected {s[f'{kind}_bytes']} (truncated or replaced)")
-                elif full and fmt.sha256_file(p) != s[f"{kind}_sha256"]:
-                    problems.append(f"{s[kind]}: checksum mismatch (corrupted)")
+            problems += [p for kind in ("bin", "idx")
+                         if (p := fmt.check_file(self.path, s[kind], s[f"{kind}_bytes"], s[f"{kind}_sha256"], full))]
             if problems:
                 continue
             if s["bin_bytes"] != s["tokens"] * self.dtype.itemsize or s["idx_bytes"] != (s["docs"] + 1) * 8:
@@ -216,7 +209,7 @@ class PreparedDataset:
         """Count of each vocabulary id over the training split (length vocab_size), checksum-verified."""
         tc = self.manifest["token_counts"]
         p = os.path.join(self.path, tc["file"])
-        if not os.path.exists(p) or fmt.sha256_file(p) != tc["sha256"]:
+        if not os.path.exists(p) or file_digest(p)["sha256"] != tc["sha256"]:
             raise DatasetError(f"{p}: missing or checksum mismatch; {_rebuild_hint(self.path)}")
         return np.load(p)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -31,13 +30,12 @@ import time
 import numpy as np
 import torch
 
-from pipeline.fileio import atomic_write
+from pipeline.fileio import HashingWriter, atomic_write, file_digest, new_hash
 from pipeline.training.distributed import all_gather_object, barrier, broadcast_object
 
 COMPLETE = "complete.json"
 STATE = "trainer_state.json"
 HASH = "xxh3_128"  # damage detection, not security: far faster than sha256 (docs/benchmarks/checkpoints.md)
-_CHUNK = 1 << 22
 
 logger = logging.getLogger(__name__)
 
@@ -70,56 +68,11 @@ def complete_checkpoints(root: str) -> list[str]:
 
 
 # -- the manifest --------------------------------------------------------------------------------------------------
-def _hasher(name: str):
-    """xxh3_128 from xxhash (a dependency of datasets), or sha256 (a manifest may name either)."""
-    if name == "xxh3_128":
-        import xxhash
-        return xxhash.xxh3_128()
-    return hashlib.new(name)
-
-
-def file_digest(path: str, name: str | None = None) -> dict:
-    """{"bytes", <hash name>: hex digest} of a file, read in 4 MiB blocks (`name`: HASH unless given)."""
-    name = name or HASH
-    h, n = _hasher(name), 0
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-            n += len(block)
-    return {"bytes": n, name: h.hexdigest()}
-
-
 def tree_digests(ckpt: str, sub: str) -> dict[str, dict]:
     """Digests of every file under `ckpt/sub` (a file or a folder), by path relative to `ckpt`."""
     top = os.path.join(ckpt, sub)
     paths = [top] if os.path.isfile(top) else [os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]
-    return {os.path.relpath(p, ckpt): file_digest(p) for p in sorted(paths)}
-
-
-class _HashingWriter:
-    """A write-only file object that hashes what passes through it: torch.save streams a checkpoint through it, so
-    the digest costs no second read. Keeps the first OSError of the real file (torch.save reports a full disk as a
-    RuntimeError without the OS error)."""
-
-    def __init__(self, f):
-        self.f, self.name, self.n, self.os_error = f, HASH, 0, None
-        self.h = _hasher(self.name)
-
-    def write(self, b) -> int:
-        try:
-            written = self.f.write(b)
-        except OSError as e:
-            self.os_error = self.os_error or e
-            raise
-        self.h.update(b)
-        self.n += len(b)
-        return written
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def digest(self) -> dict:
-        return {"bytes": self.n, self.name: self.h.hexdigest()}
+    return {os.path.relpath(p, ckpt): file_digest(p, HASH) for p in sorted(paths)}
 
 
 def save_hashed(obj, path: str, **torch_save_kwargs) -> dict:
@@ -128,7 +81,7 @@ def save_hashed(obj, path: str, **torch_save_kwargs) -> dict:
     writer = None
     try:
         with open(path, "wb") as f:
-            writer = _HashingWriter(f)
+            writer = HashingWriter(f, HASH)
             torch.save(obj, writer, **torch_save_kwargs)
     except (OSError, RuntimeError) as e:
         cause = (writer.os_error if writer is not None else None) or (e if isinstance(e, OSError) else None)
@@ -228,7 +181,7 @@ def _own_digests(path: str, rank: int, hashed: dict[str, dict]) -> dict[str, dic
             rel = os.path.relpath(os.path.join(d, f), path)
             if rel not in out and _writer_rank(rel) == rank and not rel.startswith(("hf", "student_init")) \
                     and rel not in (STATE, COMPLETE):
-                out[rel] = file_digest(os.path.join(d, f))
+                out[rel] = file_digest(os.path.join(d, f), HASH)
     return out
 
 
@@ -243,7 +196,7 @@ def verify(ckpt: str) -> list[str]:
         with open(marker) as f:
             manifest = json.load(f)
         files, name = manifest.get("files"), manifest.get("hash", HASH)
-        _hasher(name)
+        new_hash(name)  # a manifest naming a hash this machine lacks is unreadable
     except (OSError, ValueError, ImportError) as e:
         return [f"{COMPLETE}: unreadable ({e})"]
     if files is None:

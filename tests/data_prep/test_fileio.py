@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.fileio import TMP_MARK, atomic_write, sha256_file
+from pipeline.fileio import TMP_MARK, atomic_write, file_digest
 from pipeline.shards import ShardWriter
 
 
@@ -43,7 +43,7 @@ def test_shard_writer_commit_records_sizes_and_checksums_and_abort_leaves_nothin
     assert (rec["docs"], rec["tokens"]) == (2, 4)
     for kind in ("bin", "idx"):
         p = tmp_path / rec[kind]
-        assert p.stat().st_size == rec[f"{kind}_bytes"] and sha256_file(str(p)) == rec[f"{kind}_sha256"]
+        assert p.stat().st_size == rec[f"{kind}_bytes"] and file_digest(str(p))["sha256"] == rec[f"{kind}_sha256"]
     assert np.fromfile(tmp_path / rec["idx"], "<i8").tolist() == [0, 3, 4]
     w = ShardWriter(str(tmp_path), "valid/000001.bin", "valid/000001.idx", np.uint16)
     w.add(np.array([1], np.uint16), np.array([1]))

@@ -288,7 +288,7 @@ def test_resume_after_damage_redoes_only_broken_units(tmp_path, mixed_inputs, wo
     prepare(cfg(mixed_inputs, out, wordpiece_dir, 0.03))
     err = capsys.readouterr().err
     assert re.search(r"unit 2: redoing, its files failed verification: train/000002\.bin: \d+ bytes, expected", err)
-    assert re.search(r"unit 4: redoing, .*valid/000004\.idx: sha256 mismatch", err)
+    assert re.search(r"unit 4: redoing, .*valid/000004\.idx: checksum mismatch", err)
     assert "unit 1:" not in err and "unit 3:" not in err  # no record: simply not done yet
     assert f"from {n_units} units ({n_units - 4} resumed)" in caplog.text
     assert tmp_leftovers(out) == []
