@@ -2,7 +2,6 @@
 import os
 
 import pytest
-import torch
 
 from pipeline.evaluation.compare import compare, disk_bytes
 

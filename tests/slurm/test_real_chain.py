@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from pipeline.data_prep.prepare import PrepareConfig, prepare
-from tests.conftest import ROOT
 from tests.data_prep.test_slurm_array import clean_docs, snapshot, write_text_and_jsonl
 from tests.training.conftest import FAST
 

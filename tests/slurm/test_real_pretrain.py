@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from pipeline.training.checkpoint import complete_checkpoints, fp32_state_dict
-from tests.conftest import ROOT
 from tests.training.conftest import FAST
 
 pytestmark = pytest.mark.integration
@@ -109,7 +108,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_parameters(cluster, t
     assert steps(run_dir) == [first] and first < total
 
     # 2. mid-run, in the requeued job (same id, restart 1), after it resumed and trained a few steps
-    cluster.wait_for_text(out, rf"restart 1: 1 node", job, timeout=120)
+    cluster.wait_for_text(out, r"restart 1: 1 node", job, timeout=120)
     cluster.wait_for_text(out, rf"resumed from .*step{first:08d}: step {first},", job)
     cluster.wait_for_text(out, rf"step {first + 3}/{total}", job)
     t0 = time.time()
