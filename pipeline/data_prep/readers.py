@@ -246,68 +246,76 @@ def _json_record(text: str, repaired: bool, loc: int, field: str, bad) -> Iterat
         yield obj[field], loc, repaired
 
 
+class _JsonText:
+    """A JSON file's text as a sliding buffer that never holds the whole file: `buf[pos:]` is not consumed yet;
+    `line` counts the newlines consumed."""
+
+    def __init__(self, f):
+        self._f = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
+        self.buf, self.pos, self.eof, self.line = "", 0, False, 0
+        self.fill()
+
+    def fill(self) -> None:
+        """Drop what is consumed and append the next chunk of the file (`eof` once there is none)."""
+        chunk = self._f.read(CHUNK)
+        self.eof = not chunk
+        self.buf = self.buf[self.pos:] + chunk
+        self.pos = 0
+
+    def next_char(self) -> str | None:
+        """Skip whitespace; the next character (not consumed), or None at the end of the file."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.line += self.buf[self.pos] == "\n"
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if self.eof:
+                return None
+            self.fill()
+
+
 def read_json_array(f, path: str, field: str, max_record_bytes: int,
                     bad: Callable[[str, int, str], None]) -> Iterator[tuple[str, int, bool]]:
     """Objects of a top-level JSON array, parsed incrementally (never the whole file in memory).
     A malformed element ends the file with BadFileError: an array has no line to resynchronise on."""
-    text_f = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
-    dec = json.JSONDecoder()
-    buf, idx, eof, line = "", 0, False, 0
-
-    def fill() -> None:
-        nonlocal buf, idx, eof
-        chunk = text_f.read(CHUNK)
-        eof = not chunk
-        buf = buf[idx:] + chunk
-        idx = 0
-
-    def skip_ws() -> bool:
-        nonlocal idx, line
-        while True:
-            while idx < len(buf) and buf[idx] in " \t\r\n":
-                line += buf[idx] == "\n"
-                idx += 1
-            if idx < len(buf):
-                return True
-            if eof:
-                return False
-            fill()
-
-    fill()
-    if not skip_ws() or buf[idx] != "[":
+    text, dec = _JsonText(f), json.JSONDecoder()
+    if text.next_char() != "[":
         raise BadFileError(path, "not a JSON array (expected '[' at the start)")
-    idx += 1
+    text.pos += 1
     expect_value = True
     while True:
-        if not skip_ws():
-            raise BadFileError(path, f"truncated JSON array (no closing ']' after line {line + 1})")
-        c = buf[idx]
+        c = text.next_char()
+        if c is None:
+            raise BadFileError(path, f"truncated JSON array (no closing ']' after line {text.line + 1})")
         if c == "]":
-            idx += 1
-            if skip_ws():  # e.g. two arrays concatenated: the second one must not be lost silently
-                raise BadFileError(path, f"data at line {line + 1}, after the array's closing ']' (one JSON "
+            text.pos += 1
+            if text.next_char() is not None:  # e.g. two arrays concatenated: the second must not be lost silently
+                raise BadFileError(path, f"data at line {text.line + 1}, after the array's closing ']' (one JSON "
                                          f"array per .json file; use JSON Lines for concatenated data)")
             return
         if c == "," and not expect_value:
-            idx += 1
+            text.pos += 1
             expect_value = True
             continue
         if not expect_value:
-            raise BadFileError(path, f"invalid JSON at line {line + 1}: expected ',' or ']' after an array element")
+            raise BadFileError(path, f"invalid JSON at line {text.line + 1}: expected ',' or ']' after an array "
+                                     f"element")
         try:
-            obj, end = dec.raw_decode(buf, idx)
-            if end >= len(buf) and not eof:
+            obj, end = dec.raw_decode(text.buf, text.pos)
+            if end >= len(text.buf) and not text.eof:
                 raise ValueError("value may continue past the buffer")
         except ValueError as e:
-            if eof:
-                raise BadFileError(path, f"invalid JSON at line {line + 1}: {e}") from None
-            if len(buf) - idx > max_record_bytes:
-                raise BadFileError(path, f"array element at line {line + 1} longer than {max_record_bytes} bytes")
-            fill()
+            if text.eof:
+                raise BadFileError(path, f"invalid JSON at line {text.line + 1}: {e}") from None
+            if len(text.buf) - text.pos > max_record_bytes:
+                raise BadFileError(path, f"array element at line {text.line + 1} longer than {max_record_bytes} "
+                                         f"bytes")
+            text.fill()
             continue
-        loc = line
-        line += buf.count("\n", idx, end)
-        idx = end
+        loc = text.line
+        text.line += text.buf.count("\n", text.pos, end)
+        text.pos = end
         expect_value = False
         if isinstance(obj, dict) and isinstance(obj.get(field), str):
             yield obj[field], loc, "\ufffd" in obj[field]
